@@ -1,0 +1,20 @@
+"""Test-wide setup: 8 simulated CPU devices for sharding tests, and paths to the golden data."""
+
+import os
+import pathlib
+
+# Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = pathlib.Path(os.environ.get("NOTAGEN_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+  if not GOLDEN.is_dir():
+    pytest.skip(f"golden data not found at {GOLDEN} (set NOTAGEN_GOLDEN)")
+  return GOLDEN
