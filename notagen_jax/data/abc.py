@@ -1,0 +1,174 @@
+"""Score -> standard ABC -> cleaned -> interleaved -> transposed -> rest-reduced, as NotaGen does.
+
+Each step is a plain function over text or lines, so that the preparation entry point, the scorer
+(which reads interleaved ABC) and generation (which un-reduces) share one implementation. A piece
+that a step cannot handle raises `PieceError` with the reason; callers record and skip it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import types
+import zipfile
+from typing import Sequence
+
+from abctoolkit import transpose as _transpose
+from abctoolkit import xml2abc as _xml2abc
+from abctoolkit.check import check_alignment_unrotated
+from abctoolkit.rotate import rotate_abc
+from abctoolkit.utils import (Barlines, Quote_re, extract_barline_and_bartext_dict,
+                              extract_global_and_local_metadata, extract_metadata_and_parts,
+                              remove_bar_no_annotations, remove_information_field)
+from unidecode import unidecode
+
+# The 15 key signatures of the augmentation, in the original's order.
+KEYS = ("Cb", "C", "C#", "Db", "D", "Eb", "E", "F", "F#", "Gb", "G", "Ab", "A", "Bb", "B")
+REMOVED_FIELDS = ("X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI")
+REST_CHARS = frozenset("zZxX")
+MAX_ANNOTATION_CHARS = 40
+
+
+class PieceError(ValueError):
+  """A piece that cannot go through the pipeline; the message says why."""
+
+
+def major_key(key_field: str) -> str:
+  """The major key sharing a K: field's signature ('Am' -> 'C', 'Ddor' -> 'C'); 'none' counts as C."""
+  if key_field in ("", "none"):
+    return "C"
+  return _transpose.lookup_key_according_to_keymode(key_field)
+
+
+def key_semitone(key: str) -> int:
+  """Pitch class of a major key name (C = 0)."""
+  return _transpose.Key2index[key]
+
+
+def musicxml_to_abc(data: bytes, name: str = "piece.xml") -> str:
+  """abctoolkit's xml2abc as `-d 8 -c 6 -x` (unit length 1/8, credit filter 6, no line breaks).
+
+  Runs in-process (the converter keeps its output object in a module global, as its command line
+  does); `data` is MusicXML bytes or a compressed .mxl archive.
+  """
+  if data[:2] == b"PK":
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+      members = [n for n in archive.namelist()
+                 if not n.startswith("META") and n.lower().endswith((".xml", ".musicxml"))]
+      if not members:
+        raise PieceError(f"{name}: .mxl archive holds no MusicXML file")
+      data = archive.read(members[0])
+  options = types.SimpleNamespace(u=False, m=0, c=6, d=8, n=0, b=0, o="", v=0, x=True, p=[],
+                                  j=False, t=False, s=False, v1=False, ped=True, stm=False, i=False)
+  output, messages = io.StringIO(), io.StringIO()
+  writer = _xml2abc.ABCoutput(name, "", 0, options)
+  writer.outfile = output
+  _xml2abc.abcOut = writer
+  with contextlib.redirect_stderr(messages):
+    try:
+      _xml2abc.Parser(options).parse(io.BytesIO(data))
+    except Exception as error:  # the converter raises anything on malformed input
+      raise PieceError(f"xml2abc failed: {type(error).__name__}: {error}") from error
+  text = output.getvalue()
+  if not text.strip():
+    raise PieceError("xml2abc wrote nothing: " + messages.getvalue().strip()[-200:])
+  return text
+
+
+def clean(abc_text: str) -> list[str]:
+  """NotaGen's cleaning of a standard ABC text; returns lines (each ending in `\\n`)."""
+  lines = [line for line in abc_text.splitlines(keepends=True) if line.strip()]
+  lines = [unidecode(line) for line in lines]
+  lines = remove_information_field(lines, list(REMOVED_FIELDS))
+  try:
+    lines = remove_bar_no_annotations(lines)
+  except Exception as error:
+    raise PieceError(f"no tune body (V:1 line): {error}") from error
+  lines = [line if re.search(r"^[A-Za-z]:", line) or line.startswith("%")
+           else line.replace('\\"', "") for line in lines]
+  lines = [_drop_annotations_with_barlines(line) for line in lines]
+  try:
+    _, _, _, bars, _ = extract_barline_and_bartext_dict(lines)
+  except Exception as error:
+    raise PieceError(f"cannot split into bars: {type(error).__name__}: {error}") from error
+  counts = {voice: len(voice_bars) for voice, voice_bars in bars.items()}
+  if len(set(counts.values())) > 1:
+    raise PieceError(f"voices have different bar counts: {counts}")
+  # The original rejects a piece whose alignment check raises (its bar-duration parser fails on
+  # some notation), so the check runs for that effect alone.
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every odd bar duration
+      check_alignment_unrotated(lines)
+  except Exception as error:
+    raise PieceError(f"bar check failed: {type(error).__name__}: {error}") from error
+  return [_tidy_annotations(line) for line in lines]
+
+
+def _drop_annotations_with_barlines(line: str) -> str:
+  for quoted in re.findall(Quote_re, line):
+    if any(barline in quoted for barline in Barlines):
+      line = line.replace(quoted, "")
+  return line
+
+
+def _tidy_annotations(line: str) -> str:
+  """Empty "" go; ^/_ annotations lose repeated symbols and go when still longer than 40."""
+  for quoted in re.findall(r'"[^"]*"', line):
+    if quoted == '""':
+      line = line.replace(quoted, "")
+    if quoted[1] in "^_":
+      tidy = re.sub(r"([^a-zA-Z0-9])\1+", r"\1", quoted)
+      line = line.replace(quoted, tidy if len(tidy) <= MAX_ANNOTATION_CHARS else "")
+  return line
+
+
+def interleave(lines: Sequence[str]) -> str:
+  """One body line per bar index holding that bar of every voice (abctoolkit's rotation)."""
+  try:
+    return "".join(rotate_abc(list(lines)))
+  except Exception as error:
+    raise PieceError(f"interleaving failed: {type(error).__name__}: {error}") from error
+
+
+def original_key(lines: Sequence[str]) -> str:
+  """The global K: field ('none' -> 'C'), as the original's index records it."""
+  metadata_lines, _ = extract_metadata_and_parts(list(lines))
+  global_fields, _ = extract_global_and_local_metadata(metadata_lines)
+  key = global_fields.get("K", ["none"])[0]
+  return "C" if key == "none" else key
+
+
+def transpose(lines: Sequence[str], key: str) -> list[str]:
+  """The piece in another key signature (abctoolkit), as non-empty lines ending in `\\n`."""
+  try:
+    text = _transpose.transpose_an_abc_text(list(lines), key)
+  except Exception as error:
+    raise PieceError(f"transposition to {key} failed: {type(error).__name__}: {error}") from error
+  return [line + "\n" for line in text.split("\n") if line]
+
+
+def _has_notes(bar_text: str) -> bool:
+  return any(char.isalpha() and char not in REST_CHARS for char in bar_text)
+
+
+def rest_reduce(lines: Sequence[str]) -> str:
+  """Interleaved form keeping, per line, only voices whose bar has a note (NotaGen's training form)."""
+  metadata, prefix, left, bars, right = extract_barline_and_bartext_dict(list(lines))
+  out = list(metadata)
+  for i in range(len(bars["V:1"])):
+    line = ""
+    for voice in prefix:
+      if not _has_notes(bars[voice][i]):
+        continue
+      if i == 0:
+        line += f"[{voice}]{prefix[voice]}{left[voice][0]}{bars[voice][0]}{right[voice][0]}"
+      else:
+        line += f"[{voice}]{bars[voice][i]}{right[voice][i]}"
+    out.append(line + "\n")
+  return "".join(out)
+
+
+def augment(lines: Sequence[str]) -> dict[str, str]:
+  """The rest-reduced training text in each of the 15 keys."""
+  return {key: rest_reduce(transpose(lines, key)) for key in KEYS}

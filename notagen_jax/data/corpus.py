@@ -1,0 +1,254 @@
+"""Where pieces come from: folders of scores, music21's bundled corpus, and metadata tables.
+
+A `PieceSource` names one piece (a file, or one tune of a multi-tune ABC file) and knows how to
+turn it into standard ABC: MusicXML goes straight to xml2abc; Humdrum and ABC tunes are read by
+music21 and written as MusicXML first, so every piece reaches the cleaning step in the same form.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Iterable, Iterator, Mapping
+
+from notagen_jax.data import abc
+
+MUSICXML_SUFFIXES = (".xml", ".mxl", ".musicxml")
+MUSIC21_SUFFIXES = (".krn", ".abc")
+SUPPORTED_SUFFIXES = MUSICXML_SUFFIXES + MUSIC21_SUFFIXES
+MUSIC21_KEYWORD = "music21"
+PROMPT_FIELDS = ("period", "composer", "instrumentation")
+
+# music21's corpus folders -> (composer as NotaGen writes names, period).
+MUSIC21_COMPOSERS: Mapping[str, tuple[str, str]] = {
+    "bach": ("Bach, Johann Sebastian", "Baroque"),
+    "handel": ("Handel, George Frideric", "Baroque"),
+    "corelli": ("Corelli, Arcangelo", "Baroque"),
+    "monteverdi": ("Monteverdi, Claudio", "Renaissance"),
+    "palestrina": ("Palestrina, Giovanni Pierluigi da", "Renaissance"),
+    "josquin": ("Josquin des Prez", "Renaissance"),
+    "luca": ("Marenzio, Luca", "Renaissance"),
+    "lusitano": ("Lusitano, Vicente", "Renaissance"),
+    "trecento": ("Trecento (various)", "Medieval"),
+    "ciconia": ("Ciconia, Johannes", "Medieval"),
+    "cpebach": ("Bach, Carl Philipp Emanuel", "Classical"),
+    "haydn": ("Haydn, Joseph", "Classical"),
+    "mozart": ("Mozart, Wolfgang Amadeus", "Classical"),
+    "beethoven": ("Beethoven, Ludwig van", "Classical"),
+    "weber": ("Weber, Carl Maria von", "Romantic"),
+    "schubert": ("Schubert, Franz", "Romantic"),
+    "schumann_robert": ("Schumann, Robert", "Romantic"),
+    "schumann_clara": ("Schumann, Clara", "Romantic"),
+    "chopin": ("Chopin, Frederic", "Romantic"),
+    "verdi": ("Verdi, Giuseppe", "Romantic"),
+    "beach": ("Beach, Amy", "Romantic"),
+    "liliuokalani": ("Liliuokalani", "Romantic"),
+    "joplin": ("Joplin, Scott", "Romantic"),
+    "johnson_j_r": ("Johnson, J. Rosamond", "20th Century"),
+    "schoenberg": ("Schoenberg, Arnold", "20th Century"),
+    "webern": ("Webern, Anton", "20th Century"),
+    "essenFolksong": ("Traditional", "Folk"),
+    "ryansMammoth": ("Traditional", "Folk"),
+    "oneills1850": ("Traditional", "Folk"),
+    "airdsAirs": ("Traditional", "Folk"),
+    "miscFolk": ("Traditional", "Folk"),
+    "nottingham-dataset": ("Traditional", "Folk"),
+}
+
+_VOCAL_NAMES = re.compile(
+    r"\b(soprano|alto|altus|tenor|tenore|bass|basso|bassus|cantus|canto|quintus|sextus|"
+    r"septimus|discantus|superius|contratenor|voice|voce|vox|choir|chor|chorus|coro|sop|mezzo|"
+    r"baritone|[SATB])\b", re.IGNORECASE)
+_KEYBOARD_NAMES = re.compile(r"piano|pianoforte|harpsichord|cembalo|organ|keyboard|clavier|pno",
+                             re.IGNORECASE)
+_ORCHESTRAL_PARTS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceSource:
+  """One piece: `path` on disk, `tune` (1-based) for a tune of a multi-tune ABC file."""
+  piece_id: str
+  path: str
+  tune: int = 0
+  metadata: tuple[tuple[str, str], ...] = ()
+
+  def to_standard_abc(self) -> str:
+    """The piece as xml2abc's standard ABC (raises `abc.PieceError`)."""
+    suffix = pathlib.Path(self.path).suffix.lower()
+    if suffix in MUSICXML_SUFFIXES:
+      data = pathlib.Path(self.path).read_bytes()
+      if not data.strip():
+        raise abc.PieceError("empty file")
+      return abc.musicxml_to_abc(data, self.path)
+    if suffix == ".abc":
+      return abc.musicxml_to_abc(_music21_to_musicxml(abc_tune(self.path, self.tune), "abc"))
+    if suffix == ".krn":
+      return abc.musicxml_to_abc(_music21_to_musicxml(pathlib.Path(self.path), "humdrum"))
+    raise abc.PieceError(f"unsupported file type {suffix!r}")
+
+
+def _music21_to_musicxml(source: str | pathlib.Path, fmt: str) -> bytes:
+  from music21 import converter, stream  # pylint: disable=import-outside-toplevel
+  from music21.musicxml import m21ToXml  # pylint: disable=import-outside-toplevel
+  if isinstance(source, pathlib.Path) and source.stat().st_size == 0:
+    raise abc.PieceError("empty file")
+  try:
+    score = converter.parse(source, format=fmt)
+    if isinstance(score, stream.Opus):
+      score = score.scores[0]
+    return m21ToXml.GeneralObjectExporter(score).parse()
+  except Exception as error:  # music21 raises many kinds on malformed input
+    raise abc.PieceError(f"music21 could not read it: {type(error).__name__}: {error}") from error
+
+
+def split_abc_tunes(text: str) -> list[str]:
+  """The tunes of an ABC file: each starts at an `X:` line; text before the first is dropped."""
+  tunes, current = [], None
+  for line in text.splitlines(keepends=True):
+    if line.startswith("X:"):
+      if current is not None:
+        tunes.append("".join(current))
+      current = [line]
+    elif current is not None:
+      current.append(line)
+  if current is not None:
+    tunes.append("".join(current))
+  if not tunes and text.strip():
+    tunes = [text]  # a single tune without X: is still a tune
+  return tunes
+
+
+def abc_tune(path: str, tune: int) -> str:
+  text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+  tunes = split_abc_tunes(text)
+  if not tunes:
+    raise abc.PieceError("empty file")
+  if not 1 <= tune <= len(tunes):
+    raise abc.PieceError(f"tune {tune} not found ({len(tunes)} tunes)")
+  if not tunes[tune - 1].strip():
+    raise abc.PieceError("empty tune")
+  return tunes[tune - 1]
+
+
+def piece_id_for(relative_path: str, tune: int = 0) -> str:
+  stem = os.path.splitext(relative_path)[0].replace(os.sep, "/")
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__"))
+  return f"{name}__{tune}" if tune else name
+
+
+def sources_in(root: str | os.PathLike, files: Iterable[pathlib.Path],
+               metadata_for=lambda rel: {}) -> Iterator[PieceSource]:
+  root = pathlib.Path(root)
+  for path in sorted(files):
+    rel = str(path.relative_to(root))
+    meta = tuple(sorted(metadata_for(rel).items()))
+    if path.suffix.lower() == ".abc":
+      text = path.read_text(encoding="utf-8", errors="replace")
+      for tune in range(1, len(split_abc_tunes(text)) + 1):
+        yield PieceSource(piece_id_for(rel, tune), str(path), tune, meta)
+      if not text.strip():
+        yield PieceSource(piece_id_for(rel, 1), str(path), 1, meta)
+    else:
+      yield PieceSource(piece_id_for(rel), str(path), 0, meta)
+
+
+def folder_sources(folder: str | os.PathLike, index: str | None = None) -> Iterator[PieceSource]:
+  """Every supported score under `folder`; metadata from an optional CSV/JSONL index."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"input folder {str(folder)!r} does not exist")
+  table = load_metadata_index(index) if index else {}
+
+  def metadata_for(rel: str) -> dict[str, str]:
+    for key in (rel, rel.replace(os.sep, "/"), pathlib.Path(rel).stem, piece_id_for(rel)):
+      if key in table:
+        return table[key]
+    return {}
+
+  files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+  return sources_in(folder, files, metadata_for)
+
+
+def music21_corpus_root() -> pathlib.Path:
+  import music21  # pylint: disable=import-outside-toplevel
+  return pathlib.Path(music21.__file__).parent / "corpus"
+
+
+def music21_sources() -> Iterator[PieceSource]:
+  """music21's bundled corpus (Bach, Palestrina, Monteverdi, Mozart, ..., folk collections)."""
+  root = music21_corpus_root()
+  files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+
+  def metadata_for(rel: str) -> dict[str, str]:
+    folder = rel.split(os.sep)[0]
+    if folder not in MUSIC21_COMPOSERS:
+      return {}
+    composer, period = MUSIC21_COMPOSERS[folder]
+    return {"composer": composer, "period": period}
+
+  return sources_in(root, files, metadata_for)
+
+
+def load_metadata_index(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+  """A user's index: CSV or JSONL rows with `path` (or `file` / `piece_id`) and prompt fields."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"metadata index {str(path)!r} does not exist")
+  if path.suffix.lower() == ".csv":
+    with path.open(newline="", encoding="utf-8") as f:
+      rows = list(csv.DictReader(f))
+  else:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+          raise ValueError(f"{path}:{number}: not a JSON object: {error}") from error
+  table = {}
+  for number, row in enumerate(rows, 1):
+    key = row.get("path") or row.get("file") or row.get("piece_id")
+    if not key:
+      raise ValueError(f"{path}: row {number} has no 'path', 'file' or 'piece_id'")
+    table[str(key)] = {field: str(row[field]) for field in PROMPT_FIELDS if row.get(field)}
+  return table
+
+
+def instrumentation(standard_abc: str) -> str:
+  """NotaGen-style instrumentation from the voice names of a standard ABC header."""
+  names = re.findall(r'^V:\S+.*?nm="([^"]*)"', standard_abc, re.MULTILINE)
+  n_voices = len(set(re.findall(r"^V:(\S+)", standard_abc, re.MULTILINE)))
+  vocal = [n for n in names if _VOCAL_NAMES.search(n)]
+  keyboard = [n for n in names if _KEYBOARD_NAMES.search(n)]
+  others = [n for n in names if n not in vocal and n not in keyboard]
+  if vocal and len(vocal) * 2 >= len(names) and not keyboard:
+    return "Choral" if len(vocal) > 1 else "Vocal"
+  if vocal and keyboard and not others:
+    return "Art Song"
+  if vocal:
+    return "Vocal-Orchestral" if len(names) >= _ORCHESTRAL_PARTS else "Art Song"
+  if keyboard and not others:
+    return "Keyboard"
+  if len(names) >= _ORCHESTRAL_PARTS:
+    return "Orchestral"
+  if len(names) > 1 or n_voices > 1:
+    return "Chamber"
+  return "Melody"
+
+
+def prompt_lines(metadata: Mapping[str, str]) -> str:
+  """The three `%` conditioning lines, or '' when period or composer is unknown."""
+  if not all(metadata.get(field) for field in PROMPT_FIELDS):
+    return ""
+  return "".join(f"%{metadata[field]}\n" for field in PROMPT_FIELDS)
+
+
+def split_of(piece_id: str, eval_fraction: float) -> str:
+  """Deterministic train/eval assignment from a hash of the piece id."""
+  digest = int.from_bytes(hashlib.sha1(piece_id.encode()).digest()[:8], "big")
+  return "eval" if digest / 2**64 < eval_fraction else "train"

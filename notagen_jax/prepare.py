@@ -1,0 +1,41 @@
+"""`python -m notagen_jax.prepare --input=music21 --output=DIR`: scores -> prepared pieces.
+
+Input: a folder of MusicXML / ABC / Humdrum files, or `music21` for music21's bundled corpus.
+"""
+
+from absl import app
+from absl import flags
+
+from notagen_jax.data import corpus
+from notagen_jax.data import preparation
+
+_INPUT = flags.DEFINE_string("input", corpus.MUSIC21_KEYWORD,
+                             "A folder of scores, or 'music21' for its bundled corpus.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where prepared pieces and the report go.",
+                              required=True)
+_INDEX = flags.DEFINE_string("index", None,
+                             "CSV/JSONL with path + period/composer/instrumentation per piece.")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of pieces in the eval split.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Try recorded failures again.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).")
+
+
+def main(argv):
+  del argv
+  if _INPUT.value == corpus.MUSIC21_KEYWORD:
+    if _INDEX.value:
+      raise app.UsageError("--index applies to a folder input, not to music21's corpus")
+    sources = corpus.music21_sources()
+  else:
+    sources = corpus.folder_sources(_INPUT.value, _INDEX.value)
+  options = preparation.PrepareOptions(eval_fraction=_EVAL_FRACTION.value,
+                                       workers=_WORKERS.value,
+                                       retry_failed=_RETRY_FAILED.value, limit=_LIMIT.value)
+  report = preparation.prepare_corpus(sources, _OUTPUT.value, options)
+  print(preparation.summary(report))
+  print(f"report: {_OUTPUT.value}/report.json")
+
+
+if __name__ == "__main__":
+  app.run(main)

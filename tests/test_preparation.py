@@ -1,0 +1,121 @@
+import json
+import pathlib
+import re
+
+import pytest
+
+from notagen_jax.data import corpus
+from notagen_jax.data import preparation
+from notagen_jax.data import tokenizer
+
+FOLK = """X:1
+T:A reel
+M:4/4
+L:1/8
+K:G
+|:GABc dedB|dedB dedB|c2ec B2dB|c2A2 A2BA:|
+X:2
+T:An air
+M:3/4
+L:1/4
+K:D
+d2 e|f2 g|a3|]
+"""
+
+
+def _bach_xml():
+  import io
+  import zipfile
+  data = (corpus.music21_corpus_root() / "bach" / "bwv1.6.mxl").read_bytes()
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    name = next(n for n in archive.namelist() if n.endswith(".xml") and not n.startswith("META"))
+    return archive.read(name).decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def score_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("scores")
+  xml = _bach_xml()
+  (folder / "good.xml").write_text(xml)
+  (folder / "tunes.abc").write_text(FOLK)
+  (folder / "empty.xml").write_text("")
+  (folder / "empty.abc").write_text("")
+  (folder / "binary.mxl").write_bytes(bytes(range(256)) * 8)
+  (folder / "truncated.xml").write_text(xml[:len(xml) // 2])
+  # Drop the last measure of the first part: its voice then has one bar fewer than the others.
+  first_part_end = xml.index("</part>")
+  last_measure = xml.rindex("<measure", 0, first_part_end)
+  (folder / "unequal.xml").write_text(xml[:last_measure] + xml[first_part_end:])
+  (folder / "index.csv").write_text(
+      "path,period,composer,instrumentation\ngood.xml,Baroque,\"Bach, Johann Sebastian\",Choral\n")
+  return folder
+
+
+def test_folder_preparation_records_failures_and_keeps_going(score_folder, tmp_path):
+  sources = list(corpus.folder_sources(score_folder, str(score_folder / "index.csv")))
+  report = preparation.prepare_corpus(sources, tmp_path, preparation.PrepareOptions(workers=1))
+  failed = {f["piece_id"]: f["reason"] for f in report["failures"]}
+  assert set(failed) == {"empty", "empty__1", "binary", "truncated", "unequal"}
+  assert "different bar counts" in failed["unequal"]
+  assert "empty file" in failed["empty"] and "empty file" in failed["empty__1"]
+  assert report["prepared"] == 3 and report["failed"] == 5
+  assert json.loads((tmp_path / "report.json").read_text())["failed"] == 5
+
+  good = json.loads(preparation.piece_path(tmp_path, "good").read_text())
+  assert good["prompt"] == "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
+  assert good["original_key"] == "F" and list(good["augmented"]) == list(
+      __import__("notagen_jax.data.abc", fromlist=["KEYS"]).KEYS)
+  assert (tmp_path / "interleaved" / "good.abc").read_text() == good["interleaved"]
+
+  # Single-voice folk tunes are kept, as one voice.
+  reel = json.loads(preparation.piece_path(tmp_path, "tunes__1").read_text())
+  assert reel["prompt"] == "" and reel["instrumentation"] == "Melody"
+  voices = set(re.findall(r"\[V:(\d+)\]", reel["interleaved"]))
+  assert voices == {"1"}
+  patchilizer = tokenizer.Patchilizer(patch_length=256)
+  for text in reel["augmented"].values():
+    assert patchilizer.decode(patchilizer.encode_train(text))  # tokenizes cleanly
+
+
+def test_rerun_skips_done_pieces(score_folder, tmp_path):
+  sources = list(corpus.folder_sources(score_folder))
+  options = preparation.PrepareOptions(workers=2)
+  first = preparation.prepare_corpus(sources, tmp_path, options)
+  assert first["processed_this_run"] == len(sources) == 8
+  second = preparation.prepare_corpus(sources, tmp_path, options)
+  assert second["processed_this_run"] == 0
+  assert second["prepared"] == first["prepared"] and second["failed"] == first["failed"]
+  retried = preparation.prepare_corpus(sources, tmp_path, preparation.PrepareOptions(
+      workers=1, retry_failed=True))
+  assert retried["processed_this_run"] == first["failed"]
+
+
+def test_split_is_deterministic_and_close_to_the_fraction():
+  ids = [f"piece{i}" for i in range(4000)]
+  splits = [corpus.split_of(i, 0.1) for i in ids]
+  assert splits == [corpus.split_of(i, 0.1) for i in ids]
+  assert 0.08 < splits.count("eval") / len(ids) < 0.12
+
+
+def test_abc_tunes_are_split():
+  assert [t.splitlines()[0] for t in corpus.split_abc_tunes(FOLK)] == ["X:1", "X:2"]
+
+
+def test_instrumentation_from_voice_names():
+  header = lambda *names: "".join(f'V:{i + 1} treble nm="{n}"\n' for i, n in enumerate(names))
+  assert corpus.instrumentation(header("Soprano", "Alto", "Tenor", "Bass")) == "Choral"
+  assert corpus.instrumentation(header("Piano")) == "Keyboard"
+  assert corpus.instrumentation(header("Voice", "Piano")) == "Art Song"
+  assert corpus.instrumentation(header("Violin I", "Violin II", "Viola", "Cello")) == "Chamber"
+  assert corpus.instrumentation("V:1 treble\n") == "Melody"
+
+
+def test_missing_inputs_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    list(corpus.folder_sources(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="index"):
+    corpus.load_metadata_index(tmp_path / "index.csv")
+  bad = tmp_path / "index.jsonl"
+  bad.write_text('{"path": "a.xml", "period": "Baroque"}\nnot json\n')
+  with pytest.raises(ValueError, match="index.jsonl:2"):
+    corpus.load_metadata_index(bad)
