@@ -1,6 +1,7 @@
-"""`python -m notagen_jax.prepare --input=music21 --output=DIR`: scores -> prepared pieces.
+"""`python -m notagen_jax.prepare --input=music21 --output=DIR`: scores -> prepared pieces -> shards.
 
 Input: a folder of MusicXML / ABC / Humdrum files, or `music21` for music21's bundled corpus.
+Output: DIR/pieces, DIR/interleaved, DIR/report.json, and the tokenized shards under DIR/shards.
 """
 
 from absl import app
@@ -8,6 +9,7 @@ from absl import flags
 
 from notagen_jax.data import corpus
 from notagen_jax.data import preparation
+from notagen_jax.data import shards
 
 _INPUT = flags.DEFINE_string("input", corpus.MUSIC21_KEYWORD,
                              "A folder of scores, or 'music21' for its bundled corpus.")
@@ -19,6 +21,8 @@ _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of pieces in th
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Try recorded failures again.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).")
+_SHARDS = flags.DEFINE_bool("shards", True, "Build the tokenized TFDS shards at the end.")
+_PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Characters per patch in the shards.")
 
 
 def main(argv):
@@ -35,6 +39,10 @@ def main(argv):
   report = preparation.prepare_corpus(sources, _OUTPUT.value, options)
   print(preparation.summary(report))
   print(f"report: {_OUTPUT.value}/report.json")
+  if _SHARDS.value and report["prepared"]:
+    shards_dir = shards.build_shards(_OUTPUT.value, f"{_OUTPUT.value}/shards",
+                                     patch_size=_PATCH_SIZE.value)
+    print(f"shards: {shards_dir}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
+import io
 import json
-import pathlib
 import re
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
+from notagen_jax.data import abc
 from notagen_jax.data import corpus
+from notagen_jax.data import pipeline
 from notagen_jax.data import preparation
 from notagen_jax.data import tokenizer
 
@@ -24,8 +29,6 @@ d2 e|f2 g|a3|]
 
 
 def _bach_xml():
-  import io
-  import zipfile
   data = (corpus.music21_corpus_root() / "bach" / "bwv1.6.mxl").read_bytes()
   with zipfile.ZipFile(io.BytesIO(data)) as archive:
     name = next(n for n in archive.namelist() if n.endswith(".xml") and not n.startswith("META"))
@@ -63,8 +66,7 @@ def test_folder_preparation_records_failures_and_keeps_going(score_folder, tmp_p
 
   good = json.loads(preparation.piece_path(tmp_path, "good").read_text())
   assert good["prompt"] == "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
-  assert good["original_key"] == "F" and list(good["augmented"]) == list(
-      __import__("notagen_jax.data.abc", fromlist=["KEYS"]).KEYS)
+  assert good["original_key"] == "F" and list(good["augmented"]) == list(abc.KEYS)
   assert (tmp_path / "interleaved" / "good.abc").read_text() == good["interleaved"]
 
   # Single-voice folk tunes are kept, as one voice.
@@ -119,3 +121,25 @@ def test_missing_inputs_are_clear_errors(tmp_path):
   bad.write_text('{"path": "a.xml", "period": "Baroque"}\nnot json\n')
   with pytest.raises(ValueError, match="index.jsonl:2"):
     corpus.load_metadata_index(bad)
+
+
+def test_prepare_entry_point_builds_shards_that_load(score_folder, tmp_path):
+  out = tmp_path / "prepared"
+  run = subprocess.run([sys.executable, "-m", "notagen_jax.prepare", f"--input={score_folder}",
+                        f"--output={out}", "--workers=1", "--eval_fraction=0"],
+                       capture_output=True, text=True, check=True)
+  assert "prepared 3 of 8 pieces" in run.stdout and "failed 5" in run.stdout
+  shards_dir = run.stdout.split("shards: ")[1].strip()
+  iterator = pipeline.make_iterator(shards_dir, batch_size=3, patch_length=512,
+                                    key_sampling="original", stream_cut=False, shuffle=False,
+                                    num_threads=0)
+  batch = next(iterator)
+  patchilizer = tokenizer.Patchilizer(patch_length=512)
+  by_id = {json.loads(p.read_text())["piece_id"]: json.loads(p.read_text())
+           for p in (out / "pieces").rglob("*.json")}
+  texts = sorted(patchilizer.decode(ids[mask == 1]) for ids, mask in zip(batch["patches"],
+                                                                          batch["masks"]))
+  expected = sorted(patchilizer.decode(patchilizer.encode_train(
+      piece["prompt"] + piece["augmented"][abc.major_key(piece["original_key"])]))
+      for piece in by_id.values())
+  assert texts == expected

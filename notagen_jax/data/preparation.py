@@ -4,6 +4,7 @@ Output layout under `out_dir`:
   pieces/<aa>/<piece_id>.json   one prepared piece (the format `shards.py` reads)
   failed/<aa>/<piece_id>.json   one failure: file, tune, reason
   interleaved/<piece_id>.abc    the cleaned interleaved ABC (what the scorer reads)
+  index.jsonl                   every prepared piece: id, split, file (so readers need not open each)
   report.json                   counts and every failure, rewritten at the end of each run
 `<aa>` is the first two hex digits of the id's hash, to keep folders small. A rerun skips every
 piece that already has a result (pass `retry_failed` to try the failures again).
@@ -140,12 +141,17 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
 def build_report(out: pathlib.Path, sources: list[corpus.PieceSource], eval_fraction: float,
                  seconds: float, processed: int) -> dict:
   """Counts over every requested piece (this run's and earlier runs' results)."""
-  failures, splits = [], collections.Counter()
+  failures, splits, index = [], collections.Counter(), []
   for source in sources:
-    if piece_path(out, source.piece_id).exists():
-      splits[corpus.split_of(source.piece_id, eval_fraction)] += 1
+    path = piece_path(out, source.piece_id)
+    if path.exists():
+      split = corpus.split_of(source.piece_id, eval_fraction)
+      splits[split] += 1
+      index.append({"piece_id": source.piece_id, "split": split,
+                    "file": str(path.relative_to(out))})
     elif failure_path(out, source.piece_id).exists():
       failures.append(json.loads(failure_path(out, source.piece_id).read_text()))
+  (out / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in index))
   kinds = collections.Counter(_reason_kind(f["reason"]) for f in failures)
   return {
       "requested": len(sources),
