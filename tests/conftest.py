@@ -18,3 +18,15 @@ def golden_dir() -> pathlib.Path:
   if not GOLDEN.is_dir():
     pytest.skip(f"golden data not found at {GOLDEN} (set NOTAGEN_GOLDEN)")
   return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def corpus_shards(tmp_path_factory):
+  """Tiny real shards: a dozen Bach chorales from music21's corpus, prepared and tokenized."""
+  from notagen_jax.data import corpus, preparation, shards  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("corpus")
+  sources = [s for s in corpus.music21_sources()
+             if s.path.endswith(".mxl") and "/bach/bwv" in s.path][:12]
+  preparation.prepare_corpus(sources, root / "prepared",
+                             preparation.PrepareOptions(eval_fraction=0.25, workers=1))
+  return shards.build_shards(root / "prepared", root / "shards")

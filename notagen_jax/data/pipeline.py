@@ -243,6 +243,12 @@ class PairTransform:
     return example
 
 
+def preference_ids(patchilizer: Patchilizer, text: str) -> np.ndarray:
+  """A DPO text's ids: generated text already carries `[r:` markers; none added, no stream cut."""
+  return np.asarray(patchilizer.encode_train(text, stream=False, body_rule="starts_marker"),
+                    np.int32)
+
+
 def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
                        patch_length: int = 1024, patch_size: int = 16, seed: int = 0,
                        shuffle: bool = True, num_epochs: int | None = None,
@@ -257,11 +263,7 @@ def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
   per pair in chosen-major order, added to the batches as float32 [B] fields of the same names.
   """
   patchilizer = Patchilizer(patch_size=patch_size, patch_length=patch_length)
-
-  def encode(text: str) -> np.ndarray:
-    return np.asarray(patchilizer.encode_train(text, stream=False, body_rule="starts_marker"),
-                      np.int32)
-
+  encode = functools.partial(preference_ids, patchilizer)
   chosen, rejected = preference_pairs(pairs_path)
   n_pairs = len(chosen) * len(rejected)
   ref_logps = None

@@ -1,0 +1,52 @@
+"""`python -m notagen_jax.train --config=configs/pretrain.py:small --workdir=DIR`.
+
+Override any field with `--config.section.field=value`. Multi-process runs (TPU pods, SLURM, or
+explicit `--config.distributed.*`) call jax.distributed.initialize first.
+"""
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from notagen_jax import config as config_lib
+from notagen_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:size].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoard go here.")
+flags.mark_flags_as_required(["config"])
+
+
+def initialize_distributed(c) -> None:
+  d = c.distributed
+  if d.coordinator_address:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id)
+  elif d.num_processes != 0 or _launched_by_cluster():
+    jax.distributed.initialize()  # reads the TPU / SLURM / MPI environment
+
+
+def _launched_by_cluster() -> bool:
+  import os  # pylint: disable=import-outside-toplevel
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and (
+      len(os.environ["TPU_WORKER_HOSTNAMES"].split(",")) > 1)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value.unlocked()
+  if _WORKDIR.value:
+    config.workdir = _WORKDIR.value
+  config_lib.validate(config)  # a wrong value stops the run before any work
+  initialize_distributed(config)
+  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
+  metrics = trainer.train_and_evaluate(config, config.workdir)
+  if jax.process_index() == 0:
+    print(" ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,534 @@
+"""The training loop library: pre-training, fine-tuning and DPO over a device mesh.
+
+`train_and_evaluate(config, workdir)` is the whole run: mesh, sharded state (initialized or loaded
+from a checkpoint, ours or NotaGen's .pth), the Grain iterator, a jitted step with explicit
+shardings and donated state, periodic eval, TensorBoard scalars, Orbax checkpoints with the
+iterator state, automatic resume and a clean stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+import tqdm
+from absl import logging
+from flax import nnx
+
+from notagen_jax import checkpoint
+from notagen_jax import config as config_lib
+from notagen_jax import losses
+from notagen_jax import model as model_lib
+from notagen_jax import sharding
+from notagen_jax.data import pipeline
+from notagen_jax.data.tokenizer import Patchilizer
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (fp32 runs get MFU against this too).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # nnx.State of the model's Params
+  opt_state: Any
+  rng: jax.Array
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  _, patch_layers, char_layers, hidden = model_lib.SIZES[c.model.size]
+  return model_lib.config_for(
+      (c.model.patch_length, patch_layers, char_layers, hidden), dtype=c.model.dtype,
+      remat=c.model.remat, dropout=c.model.dropout, patch_sampling=c.model.patch_sampling,
+      char_packing=c.model.char_packing)
+
+
+def forward_flops(cfg: model_lib.ModelConfig, n_patches: int) -> float:
+  """Matmul FLOPs of one forward pass over a row of n_patches (the char decoder on n_patches-1)."""
+  h, p = cfg.hidden, cfg.patch_size + 1
+  block = lambda tokens, context: 2 * tokens * 12 * h * h + 4 * tokens * context * h
+  patch_level = 2 * n_patches * cfg.patch_size * cfg.vocab * h + cfg.patch_layers * block(
+      n_patches, n_patches)
+  char_level = (n_patches - 1) * (cfg.char_layers * block(p, p) + 2 * p * h * cfg.vocab)
+  return float(patch_level + char_level)
+
+
+def peak_flops(c: ml_collections.ConfigDict) -> float | None:
+  if c.peak_flops_per_device:
+    return c.peak_flops_per_device
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only: no decay on biases and LayerNorm scales."""
+  def decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    names = [str(getattr(k, "key", k)) for k in path]
+    return not (name.endswith("bias") or any(n.startswith("ln") for n in names))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                            optax.Schedule]:
+  o = c.optimizer
+  if o.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1),
+                                                  max(c.train.num_steps, o.warmup_steps + 1))
+  elif o.warmup_steps:
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+        optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+  else:
+    schedule = optax.constant_schedule(o.learning_rate)
+  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=_decay_mask))
+  tx = optax.chain(*parts)
+  if o.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+  return tx, schedule
+
+
+def _rngs(rng: jax.Array, step: jax.Array) -> nnx.Rngs:
+  """This step's dropout and patch-sampling streams: a function of (seed, step) only."""
+  dropout, sampling = jax.random.split(jax.random.fold_in(rng, step))
+  return nnx.Rngs(dropout=dropout, sampling=sampling)
+
+
+def nll_loss(model: model_lib.NotaGen, batch: dict, rngs: nnx.Rngs | None,
+             deterministic: bool) -> tuple[jax.Array, dict]:
+  out = model_lib.forward(model, batch["patches"], batch["masks"], deterministic=deterministic,
+                          rngs=rngs)
+  n_chars = out.char_mask.sum()
+  return out.loss, {"n_chars": n_chars, "nll_sum": -out.char_logprob.sum()}
+
+
+def sequence_logprobs(model: model_lib.NotaGen, chosen: dict, rejected: dict,
+                      rngs: nnx.Rngs | None,
+                      deterministic: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed log-probs of chosen and rejected pieces in one forward over both; and the char count."""
+  patches = jnp.concatenate([chosen["patches"], rejected["patches"]])
+  masks = jnp.concatenate([chosen["masks"], rejected["masks"]])
+  out = model_lib.forward(model, patches, masks, deterministic=deterministic, rngs=rngs)
+  n = chosen["patches"].shape[0]
+  return out.sum_logprob[:n], out.sum_logprob[n:], out.n_chars.sum()
+
+
+DPO_FNS = {"dpo_positive": losses.dpo_positive, "dpo": losses.dpo, "ipo": losses.ipo}
+
+
+def dpo_loss_fn(c: ml_collections.ConfigDict) -> Callable:
+  loss_fn = DPO_FNS[c.dpo.loss]
+  extra = {"lam": c.dpo.lam} if c.dpo.loss == "dpo_positive" else {}
+
+  def dpo_loss(model, reference, batch, rngs, deterministic):
+    chosen = {"patches": batch["chosen"], "masks": batch["chosen_masks"]}
+    rejected = {"patches": batch["rejected"], "masks": batch["rejected_masks"]}
+    policy_chosen, policy_rejected, n_chars = sequence_logprobs(model, chosen, rejected, rngs,
+                                                                deterministic)
+    if "ref_chosen_logp" in batch:
+      ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+    else:
+      ref_deterministic = deterministic or not c.dpo.reference_dropout
+      ref_chosen, ref_rejected, _ = jax.lax.stop_gradient(sequence_logprobs(
+          reference, chosen, rejected, None if ref_deterministic else rngs, ref_deterministic))
+    loss, metrics = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                            beta=c.dpo.beta, **extra)
+    return loss, {**metrics, "n_chars": n_chars}
+
+  return dpo_loss
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop needs, built once from the config."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model_cfg: model_lib.ModelConfig
+  graphdef: Any
+  rest: Any  # non-trainable model state (kept for export), replicated
+  state: TrainState
+  state_shardings: TrainState
+  reference: Any  # DPO reference params (None when precomputed or not DPO)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def _load_init_params(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                      abstract_params: Any) -> Any:
+  """The init checkpoint's params, checked against the configured model size."""
+  loaded = checkpoint.load_model(c.init_checkpoint)
+  mismatched = [f"{field} is {getattr(loaded.cfg, field)}, config has {getattr(cfg, field)}"
+                for field in ("patch_layers", "char_layers", "hidden", "patch_size", "vocab")
+                if getattr(loaded.cfg, field) != getattr(cfg, field)]
+  if mismatched:
+    raise ValueError(f"init_checkpoint {c.init_checkpoint} does not fit config.model.size "
+                     f"{c.model.size!r}: " + "; ".join(mismatched))
+  if loaded.cfg.patch_length < cfg.patch_length:
+    raise ValueError(
+        f"init_checkpoint {c.init_checkpoint}: patch_length {loaded.cfg.patch_length} < "
+        f"config.model.patch_length {cfg.patch_length}")
+  _, params, rest = nnx.split(loaded, nnx.Param, ...)
+  if loaded.cfg.patch_length > cfg.patch_length:
+    # Fewer positions than the checkpoint was trained with: keep the first ones.
+    params["patch"]["pos"].value = params["patch"]["pos"].value[:cfg.patch_length]
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                               jax.tree_util.tree_leaves(params)):
+    if want.shape != got.shape:
+      raise ValueError(f"init_checkpoint {c.init_checkpoint}: tensor "
+                       f"{jax.tree_util.keystr(path)} has shape {got.shape}, expected {want.shape}")
+  return params, rest
+
+
+def build_setup(c: ml_collections.ConfigDict,
+                devices: list[jax.Device] | None = None) -> Setup:
+  cfg = model_config(c)
+  mesh = sharding.make_mesh(c.mesh.shape, devices)
+  if c.data.batch_size % sharding.data_parallel_size(mesh):
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} does not split over the "
+                     f"{sharding.data_parallel_size(mesh)} data-parallel devices of mesh "
+                     f"{dict(mesh.shape)}")
+  rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
+  tx, schedule = make_optimizer(c)
+
+  def init_model(key):
+    return nnx.split(model_lib.NotaGen(cfg, nnx.Rngs(params=key)), nnx.Param, ...)
+
+  def init_state(params, key):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=key)
+
+  key = jax.random.key(c.seed)
+  graphdef, abstract_params, _ = jax.eval_shape(init_model, key)
+  abstract_state = jax.eval_shape(init_state, abstract_params, key)
+  shardings = sharding.state_shardings(abstract_state, mesh, rules)
+  reference = None
+  if c.init_checkpoint:
+    params, rest = _load_init_params(c, cfg, abstract_params)
+    params = jax.device_put(params, shardings.params)
+    state = jax.jit(init_state, out_shardings=shardings)(params, key)
+    if c.mode == "dpo" and not c.dpo.precompute_reference:
+      reference = jax.tree.map(jnp.copy, state.params)
+  else:
+    # Sharded initialization: each device computes only its shard, no full copy anywhere.
+    def fresh(key):
+      _, params, rest = init_model(key)
+      return init_state(params, key), rest
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state, rest = jax.jit(fresh, out_shardings=(shardings, replicated))(key)
+  return Setup(c, mesh, cfg, graphdef, rest, state, shardings, reference, tx, schedule)
+
+
+def _model(setup: Setup, params: Any) -> model_lib.NotaGen:
+  return nnx.merge(setup.graphdef, params, setup.rest)
+
+
+def make_loss_fn(setup: Setup) -> Callable:
+  """(params, reference, batch, rng, step) -> (loss, aux) of one training step, dropout on."""
+  dpo_loss = dpo_loss_fn(setup.config) if setup.config.mode == "dpo" else None
+
+  def loss_fn(params, reference, batch, rng, step):
+    rngs = _rngs(rng, step)  # made inside the traced function that uses it
+    model = _model(setup, params)
+    if dpo_loss is not None:
+      ref_model = _model(setup, reference) if reference is not None else None
+      return dpo_loss(model, ref_model, batch, rngs, False)
+    return nll_loss(model, batch, rngs, False)
+
+  return loss_fn
+
+
+def make_train_step(setup: Setup) -> Callable:
+  skip_nonfinite = setup.config.train.nan_policy == "skip"
+  grad_fn = jax.value_and_grad(make_loss_fn(setup), has_aux=True)
+
+  def train_step(state: TrainState, reference: Any, batch: dict) -> tuple[TrainState, dict]:
+    (loss, aux), grads = grad_fn(state.params, reference, batch, state.rng, state.step)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      # Keep the old params and optimizer state; the step still advances so batches move on.
+      new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
+                         state.replace(step=state.step + 1))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+               "lr": setup.schedule(state.step), **aux}
+    return new, metrics
+
+  reference_sharding = setup.state_shardings.params if setup.reference is not None else None
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(setup.state_shardings, reference_sharding,
+                               sharding.batch_sharding(setup.mesh)),
+                 out_shardings=(setup.state_shardings, None))
+
+
+def make_eval_step(setup: Setup) -> Callable:
+  c = setup.config
+  dpo_loss = dpo_loss_fn(c) if c.mode == "dpo" else None
+
+  def eval_step(params: Any, reference: Any, batch: dict) -> dict:
+    model = _model(setup, params)
+    if dpo_loss is not None:
+      ref_model = _model(setup, reference) if reference is not None else None
+      loss, aux = dpo_loss(model, ref_model, batch, None, True)
+      return {"loss": loss, **aux}
+    loss, aux = nll_loss(model, batch, None, True)
+    return {"loss": loss, **aux}
+
+  return jax.jit(eval_step)
+
+
+def _process_batch_size(c: ml_collections.ConfigDict) -> int:
+  if c.data.batch_size % jax.process_count():
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} is not a multiple of the "
+                     f"{jax.process_count()} processes")
+  return c.data.batch_size // jax.process_count()
+
+
+def make_train_data(c: ml_collections.ConfigDict, ref_logps_path: str | None = None,
+                    state: dict | None = None):
+  per_process = _process_batch_size(c)
+  if c.mode == "dpo":
+    ds = pipeline.preference_dataset(
+        c.data.preference_file, batch_size=per_process, patch_length=c.model.patch_length,
+        seed=c.seed, ref_logps_path=ref_logps_path)
+    iterator = iter(ds)
+    if state is not None:
+      iterator.set_state(state)
+    return iterator
+  return pipeline.make_iterator(
+      c.data.shards_dir, state=state, split="train", batch_size=per_process,
+      patch_length=c.model.patch_length, key_sampling=c.data.key_sampling,
+      drop_prompt=c.data.drop_prompt, stream_cut=c.data.stream_cut, seed=c.seed,
+      num_workers=c.data.num_workers, num_threads=c.data.num_threads)
+
+
+def eval_batches(c: ml_collections.ConfigDict, ref_logps_path: str | None) -> Iterator[dict]:
+  per_process = _process_batch_size(c)
+  if c.mode == "dpo":
+    if not c.data.eval_preference_file:
+      return iter(())
+    ds = pipeline.preference_dataset(
+        c.data.eval_preference_file, batch_size=per_process, patch_length=c.model.patch_length,
+        shuffle=False, num_epochs=1, ref_logps_path=ref_logps_path)
+  else:
+    try:
+      ds = pipeline.make_dataset(
+          c.data.shards_dir, split=c.data.eval_split, batch_size=per_process,
+          patch_length=c.model.patch_length, key_sampling="original",
+          drop_prompt=c.data.drop_prompt, stream_cut=False, shuffle=False, num_epochs=1,
+          num_threads=c.data.num_threads)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+      logging.warning("no eval split %r in %s: %s", c.data.eval_split, c.data.shards_dir, error)
+      return iter(())
+  return (batch for _, batch in zip(range(c.train.eval_batches), ds))
+
+
+def precompute_reference_logps(setup: Setup, pairs_file: str, out_path: pathlib.Path) -> str:
+  """Reference log-probs of every pair, computed once (dropout off) and written beside the run."""
+  c = setup.config
+  patchilizer = Patchilizer(patch_length=c.model.patch_length)
+  chosen, rejected = pipeline.preference_pairs(pairs_file)
+  model = _model(setup, setup.state.params)
+
+  @jax.jit
+  def logps(patches, masks):
+    return model_lib.forward(model, patches, masks, deterministic=True).sum_logprob
+
+  def text_logps(texts):
+    values = []
+    for text in texts:
+      ids = pipeline.preference_ids(patchilizer, text)
+      rows = pipeline.pad_rows(ids, c.model.patch_length)
+      values.append(float(logps(rows["patches"][None], rows["masks"][None])[0]))
+    return values
+
+  chosen_logps, rejected_logps = text_logps(chosen), text_logps(rejected)
+  out = {"ref_chosen_logp": [cl for cl in chosen_logps for _ in rejected_logps],
+         "ref_rejected_logp": [rl for _ in chosen_logps for rl in rejected_logps]}
+  if jax.process_index() == 0:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out))
+  return str(out_path)
+
+
+def _summary(metrics: list[dict]) -> dict[str, float]:
+  stacked = {k: np.asarray([float(m[k]) for m in metrics]) for k in metrics[0]}
+  return {k: float(v.mean()) for k, v in stacked.items()}
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) the configured training; returns the last logged metrics."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.workdir = workdir or c.workdir
+  config_lib.validate(c)
+  check_inputs(c)
+  workdir = pathlib.Path(c.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+
+  setup = build_setup(c)
+  ref_logps_path = None
+  eval_ref_logps_path = None
+  if c.mode == "dpo" and c.dpo.precompute_reference:
+    ref_logps_path = workdir / "reference_logps.json"
+    if not ref_logps_path.exists():
+      precompute_reference_logps(setup, c.data.preference_file, ref_logps_path)
+    ref_logps_path = str(ref_logps_path)
+    if c.data.eval_preference_file:
+      eval_ref_logps_path = workdir / "reference_logps_eval.json"
+      if not eval_ref_logps_path.exists():
+        precompute_reference_logps(setup, c.data.eval_preference_file, eval_ref_logps_path)
+      eval_ref_logps_path = str(eval_ref_logps_path)
+
+  ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep_checkpoints)
+  data = make_train_data(c, ref_logps_path)
+  state = setup.state
+  if ckpt.latest_step() is not None:
+    state, data = ckpt.restore(ckpt.latest_step(), state, setup.state_shardings, data)
+    logging.info("resumed from step %d", int(state.step))
+  train_step = make_train_step(setup)
+  eval_step = make_eval_step(setup)
+  writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if (
+      jax.process_index() == 0) else None
+  peak = peak_flops(c)
+  flops_per_row = 3 * forward_flops(setup.model_cfg, c.model.patch_length)
+  if c.mode == "dpo":
+    flops_per_row *= 2  # chosen and rejected
+  n_devices = jax.device_count()
+
+  stop = {"signal": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+  first_step = int(state.step)
+  history, last = [], {}
+  progress = tqdm.tqdm(total=c.train.num_steps, initial=first_step, desc=c.mode, unit="step",
+                       disable=jax.process_index() != 0)
+  tick, nan_skips = time.perf_counter(), 0
+  try:
+    for step in range(first_step, c.train.num_steps):
+      batch = sharding.global_batch(next(data), setup.mesh)
+      state, metrics = train_step(state, setup.reference, batch)
+      history.append(metrics)
+      done = step + 1
+      if not bool(metrics["finite"]):
+        if c.train.nan_policy == "stop":
+          raise NonFiniteLoss(f"step {done}: loss {float(metrics['loss'])}, grad norm "
+                              f"{float(metrics['grad_norm'])}; stopping (train.nan_policy)")
+        nan_skips += 1
+        logging.warning("step %d: non-finite loss skipped (%d so far)", done, nan_skips)
+        if nan_skips > c.train.max_nan_skips:
+          raise NonFiniteLoss(f"{nan_skips} non-finite steps, more than train.max_nan_skips")
+      progress.update(1)
+      if done % c.train.log_every == 0 or done == c.train.num_steps:
+        seconds = time.perf_counter() - tick
+        last = _summary(history)
+        last["steps_per_s"] = len(history) / seconds
+        last["chars_per_s"] = last["n_chars"] * last["steps_per_s"]
+        tflops = flops_per_row * c.data.batch_size * last["steps_per_s"] / n_devices
+        last["tflops_per_device"] = tflops / 1e12
+        if peak:
+          last["mfu"] = tflops / peak
+        _write(writer, "train", last, done)
+        progress.set_postfix(loss=f"{last['loss']:.4f}", chars_s=f"{last['chars_per_s']:.0f}")
+        history, tick = [], time.perf_counter()
+      eval_metrics = None
+      if done % c.train.eval_every == 0 or done == c.train.num_steps:
+        eval_metrics = evaluate(c, eval_step, state, setup, eval_ref_logps_path)
+        if eval_metrics:
+          _write(writer, "eval", eval_metrics, done)
+          last.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+      if (done % c.train.checkpoint_every == 0 or done == c.train.num_steps or stop["signal"]
+          or ckpt.reached_preemption(done)):
+        ckpt.save(done, state, data, metrics=eval_metrics, force=stop["signal"])
+      if stop["signal"] or ckpt.reached_preemption(done):
+        logging.warning("preempted: checkpoint saved at step %d, exiting", done)
+        break
+  finally:
+    ckpt.close()
+    progress.close()
+    signal.signal(signal.SIGTERM, previous)
+    if writer is not None:
+      writer.close()
+  return last
+
+
+def evaluate(c: ml_collections.ConfigDict, eval_step: Callable, state: TrainState, setup: Setup,
+             ref_logps_path: str | None) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  n = 0
+  for batch in eval_batches(c, ref_logps_path):
+    metrics = eval_step(state.params, setup.reference, sharding.global_batch(batch, setup.mesh))
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    n += 1
+  if not n:
+    return {}
+  if c.mode == "dpo":
+    return {k: v / n for k, v in totals.items()}
+  nll = totals["nll_sum"] / max(totals["n_chars"], 1.0)
+  return {"loss": nll, "bits_per_char": float(losses.bits_per_char(nll)),
+          "n_chars": totals["n_chars"]}
+
+
+def _write(writer, prefix: str, metrics: dict[str, float], step: int) -> None:
+  """Console, TensorBoard, and one JSON line per log in workdir/metrics.jsonl (process 0)."""
+  logging.info("%s step %d: %s", prefix, step,
+               ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+  if writer is not None:
+    for k, v in metrics.items():
+      writer.add_scalar(f"{prefix}/{k}", v, step)
+    writer.flush()
+    with open(pathlib.Path(writer.logdir).parent / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+
+
+def check_inputs(c: ml_collections.ConfigDict) -> None:
+  """Every input the run reads exists and fits, checked before any device work."""
+  if c.mode == "dpo":
+    for field in ("preference_file", "eval_preference_file"):
+      path = c.data[field]
+      if not path:
+        continue
+      if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config.data.{field}: {path} does not exist")
+      chosen, rejected = pipeline.preference_pairs(path)
+      if not chosen or not rejected:
+        raise ValueError(f"config.data.{field}: {path} needs at least one chosen and one "
+                         f"rejected piece (has {len(chosen)} and {len(rejected)})")
+  else:
+    shards_dir = pathlib.Path(c.data.shards_dir)
+    if not (shards_dir / "dataset_info.json").is_file():
+      raise FileNotFoundError(
+          f"config.data.shards_dir: {shards_dir} is not a built shards dir (no dataset_info.json;"
+          " use the path `python -m notagen_jax.prepare` prints after 'shards:')")
+  if c.init_checkpoint and not pathlib.Path(c.init_checkpoint).exists():
+    raise FileNotFoundError(f"config.init_checkpoint: {c.init_checkpoint} does not exist")

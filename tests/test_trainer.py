@@ -1,0 +1,277 @@
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from notagen_jax import config as config_lib
+from notagen_jax import sharding
+from notagen_jax import trainer
+from notagen_jax.data import corpus
+from notagen_jax.data import pipeline
+from notagen_jax.data import preparation
+from notagen_jax.data import shards
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(mode, workdir, shards_dir="", **overrides):
+  c = config_lib.base_config(mode, "tiny")
+  c.workdir = str(workdir)
+  c.data.shards_dir = str(shards_dir)
+  c.model.patch_length = 64
+  c.data.batch_size = 8
+  c.data.num_threads = 0
+  c.train.num_steps = 1
+  c.train.eval_batches = 1
+  c.optimizer.warmup_steps = 0
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (c[section] if section else c)[field] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def preference_file(tmp_path_factory, golden_dir):
+  cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
+  path = tmp_path_factory.mktemp("dpo") / "pairs.json"
+  # Generated text carries the stream markers; the golden stream texts are such text.
+  path.write_text(json.dumps({"chosen": [c["stream_text"] for c in cases[:2]],
+                              "rejected": [cases[2]["stream_text"]]}))
+  return path
+
+
+def _read_metrics(workdir, split="train"):
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+          .splitlines()]
+  return {row["step"]: row for row in rows if row["split"] == split}
+
+
+def test_one_step_pretrain(corpus_shards, tmp_path):
+  c = tiny_config("pretrain", tmp_path, corpus_shards)
+  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(metrics["loss"]) and 3.0 < metrics["loss"] < 6.0
+  assert metrics["n_chars"] > 0 and metrics["chars_per_s"] > 0
+  assert "eval_loss" in metrics and "eval_bits_per_char" in metrics
+  assert list((tmp_path / "tensorboard").iterdir())
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_one_step_finetune_from_original_pth(corpus_shards, tmp_path, golden_dir):
+  c = tiny_config("finetune", tmp_path, corpus_shards, init_checkpoint=str(golden_dir / "tiny.pth"))
+  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(metrics["loss"])
+
+
+def test_one_step_dpo(preference_file, tmp_path, golden_dir):
+  c = tiny_config("dpo", tmp_path, init_checkpoint=str(golden_dir / "tiny.pth"),
+                  **{"data.preference_file": str(preference_file),
+                     "data.eval_preference_file": str(preference_file), "data.batch_size": 2,
+                     "model.patch_length": 256, "mesh.shape": (2, 1, -1), "model.dropout": 0.0})
+  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  # Policy == reference at step 0 (dropout off): the DPO-Positive loss is log 2, up to float
+  # rounding of ~1e4-sized log-prob sums (batched vs one by one), which lambda=10 amplifies.
+  assert metrics["loss"] == pytest.approx(np.log(2), abs=5e-3)
+  reference = json.loads((tmp_path / "reference_logps.json").read_text())
+  assert len(reference["ref_chosen_logp"]) == 2
+  # The golden checkpoint's summed log-prob of chorale 0 (cases.json) is the precomputed value.
+  cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
+  assert reference["ref_chosen_logp"][0] == pytest.approx(cases[0]["sum_char_logprob"], rel=1e-4)
+  assert {"eval_rewards/accuracy", "eval_rewards/margin", "eval_loss"} <= set(metrics)
+
+
+def _loss_and_grads(c, devices, batch):
+  setup = trainer.build_setup(c, devices)
+  grad_fn = jax.jit(jax.value_and_grad(trainer.make_loss_fn(setup), has_aux=True))
+  (loss, _), grads = grad_fn(setup.state.params, setup.reference,
+                             sharding.global_batch(batch, setup.mesh), setup.state.rng,
+                             setup.state.step)
+  as_numpy = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  return as_numpy(setup.state.params), float(loss), as_numpy(grads)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "dpo"])
+def test_sharded_step_equals_single_device(mode, corpus_shards, preference_file, tmp_path,
+                                           golden_dir):
+  assert jax.device_count() == 8
+  if mode == "dpo":
+    c = tiny_config("dpo", tmp_path, init_checkpoint=str(golden_dir / "tiny.pth"),
+                    **{"data.preference_file": str(preference_file), "model.dropout": 0.0,
+                       "dpo.precompute_reference": False, "data.batch_size": 4,
+                       "model.patch_length": 256})
+    batch = next(iter(pipeline.preference_dataset(preference_file, batch_size=4,
+                                                  patch_length=256, shuffle=False)))
+  else:
+    c = tiny_config("pretrain", tmp_path, corpus_shards, **{"model.dropout": 0.0})
+    batch = next(pipeline.make_iterator(corpus_shards, batch_size=8, patch_length=64,
+                                        num_threads=0))
+  c.mesh.shape = (1, 1, 1)
+  params, loss, grads = _loss_and_grads(c, jax.devices()[:1], batch)
+  c.mesh.shape = (2, 2, 2)
+  sharded_params, sharded_loss, sharded_grads = _loss_and_grads(c, jax.devices(), batch)
+  for a, b in zip(params, sharded_params):
+    np.testing.assert_array_equal(a, b)  # the same init, whatever the sharding
+  assert sharded_loss == pytest.approx(loss, rel=1e-5)
+  scale = max(np.abs(g).max() for g in grads)
+  for a, b in zip(grads, sharded_grads):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _train_cmd(workdir, shards_dir, steps, extra=()):
+  return [sys.executable, "-m", "notagen_jax.train", "--config=configs/pretrain.py:tiny",
+          f"--workdir={workdir}", f"--config.data.shards_dir={shards_dir}",
+          "--config.model.patch_length=32", "--config.data.batch_size=2",
+          "--config.data.num_threads=0", f"--config.train.num_steps={steps}",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=20",
+          "--config.train.eval_every=1000", "--config.optimizer.warmup_steps=5", *extra]
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", **extra)
+  return env
+
+
+def test_resume_after_sigkill_equals_uninterrupted(corpus_shards, tmp_path):
+  steps = 60
+  straight = tmp_path / "straight"
+  subprocess.run(_train_cmd(straight, corpus_shards, steps), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_train_cmd(killed, corpus_shards, steps), cwd=REPO, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    logged = _read_metrics(killed) if (killed / "metrics.jsonl").exists() else {}
+    if max(logged, default=0) >= 25 and (killed / "checkpoints" / "20").is_dir():
+      break
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(_read_metrics(killed)) < steps
+  subprocess.run(_train_cmd(killed, corpus_shards, steps), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  expected, resumed = _read_metrics(straight), _read_metrics(killed)
+  assert sorted(expected) == list(range(1, steps + 1))
+  for step in range(21, steps + 1):
+    assert resumed[step]["loss"] == expected[step]["loss"], step
+
+
+def test_sigterm_saves_and_exits_cleanly(corpus_shards, tmp_path):
+  process = subprocess.Popen(_train_cmd(tmp_path, corpus_shards, 100_000), cwd=REPO, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved and max(saved) >= max(_read_metrics(tmp_path))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  # Eight pieces and a global batch of eight: every step sees all of them, however split.
+  sources = [s for s in corpus.music21_sources() if s.path.endswith(".mxl")
+             and "/bach/bwv" in s.path][:8]
+  preparation.prepare_corpus(sources, tmp_path / "prepared",
+                             preparation.PrepareOptions(eval_fraction=0.0, workers=1))
+  shards_dir = shards.build_shards(tmp_path / "prepared", tmp_path / "shards")
+  extra = ["--config.data.batch_size=8", "--config.data.key_sampling=original",
+           "--config.data.stream_cut=False", "--config.model.dropout=0.0"]
+  one = tmp_path / "one"
+  subprocess.run(_train_cmd(one, shards_dir, 3, extra), cwd=REPO, env=_env(), check=True,
+                 capture_output=True)
+  port = _free_port()
+  two = tmp_path / "two"
+  processes = [subprocess.Popen(
+      _train_cmd(two, shards_dir, 3, extra + [
+          f"--config.distributed.coordinator_address=localhost:{port}",
+          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]),
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  for process in processes:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+  expected, got = _read_metrics(one), _read_metrics(two)
+  assert sorted(got) == [1, 2, 3]
+  for step in got:
+    assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
+
+
+def test_missing_shards_dir_is_one_clear_error(tmp_path):
+  c = tiny_config("pretrain", tmp_path, tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="config.data.shards_dir"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+def test_init_checkpoint_of_another_size(corpus_shards, tmp_path, golden_dir):
+  c = tiny_config("finetune", tmp_path, corpus_shards, init_checkpoint=str(golden_dir / "tiny.pth"))
+  c.model.size = "small"
+  c.model.patch_length = 64
+  with pytest.raises(ValueError, match="size 'small': patch_layers is 2, config has 12.*hidden is 128, config has 768"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+def test_bad_preference_files(tmp_path, golden_dir):
+  c = tiny_config("dpo", tmp_path, init_checkpoint=str(golden_dir / "tiny.pth"),
+                  **{"data.preference_file": str(tmp_path / "missing.json")})
+  with pytest.raises(FileNotFoundError, match="config.data.preference_file"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  empty = tmp_path / "empty.json"
+  empty.write_text(json.dumps({"chosen": ["%a\n[r:0/0][V:1]abc|\n"], "rejected": []}))
+  c.data.preference_file = str(empty)
+  with pytest.raises(ValueError, match="has 1 and 0"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+def test_wrong_config_value_names_the_field(tmp_path):
+  c = tiny_config("pretrain", tmp_path, tmp_path)
+  c.optimizer.schedule = "linear"
+  with pytest.raises(ValueError, match="config.optimizer.schedule"):
+    config_lib.validate(c)
+  c = tiny_config("pretrain", tmp_path, tmp_path)
+  c.mesh.logical_axis_rules = (("embed", "model"),)
+  with pytest.raises(ValueError, match="mesh axis 'model'"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss(policy, corpus_shards, tmp_path):
+  c = tiny_config("pretrain", tmp_path, corpus_shards,
+                  **{"optimizer.learning_rate": 1e30, "train.num_steps": 4,
+                     "train.nan_policy": policy, "train.max_nan_skips": 100})
+  if policy == "stop":
+    with pytest.raises(trainer.NonFiniteLoss, match="stopping"):
+      trainer.train_and_evaluate(c, str(tmp_path))
+  else:
+    metrics = trainer.train_and_evaluate(c, str(tmp_path))
+    assert metrics["finite"] < 1.0  # steps were skipped, and the run went on to the end
+    assert max(_read_metrics(tmp_path)) == 4
+
+
+def test_mesh_shape_resolution():
+  assert sharding.mesh_shape((1, -1, 1), 8) == (1, 8, 1)
+  assert sharding.mesh_shape((2, 2, -1), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="does not divide"):
+    sharding.mesh_shape((3, -1, 1), 8)
+
+
+def test_flops_count_small():
+  cfg = trainer.model_config(config_lib.base_config("pretrain", "small"))
+  # ~2 * params * tokens plus attention: the patch level dominates per patch.
+  flops = trainer.forward_flops(cfg, 2048)
+  assert 3e11 < flops < 2e12
