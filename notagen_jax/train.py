@@ -36,7 +36,7 @@ def _launched_by_cluster() -> bool:
 
 def main(argv):
   del argv
-  config = _CONFIG.value.unlocked()
+  config = _CONFIG.value
   if _WORKDIR.value:
     config.workdir = _WORKDIR.value
   config_lib.validate(config)  # a wrong value stops the run before any work
