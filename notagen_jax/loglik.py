@@ -1,0 +1,61 @@
+"""Log-likelihood of ABC files under a NotaGen checkpoint, one JSON line per file.
+
+  python -m notagen_jax.loglik --checkpoint=PATH FILE.abc...
+
+Each piece is tokenized with the training encoding (stream markers, head cut to patch_length) and
+scored on every real target character: n_chars, mean_nll (nats per char) and sum_logprob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from notagen_jax import checkpoint
+from notagen_jax import model as model_lib
+from notagen_jax.data import tokenizer
+
+# Pieces are padded to a multiple of this many patches so that few lengths get compiled.
+BUCKET = 64
+
+_forward = nnx.jit(model_lib.forward, static_argnames=("deterministic", "packed_len"))
+
+
+def score_ids(model: model_lib.NotaGen, ids: Sequence[Sequence[int]]) -> dict[str, float | int]:
+  """n_patches, n_chars, mean_nll and sum_logprob of one encoded piece."""
+  n = len(ids)
+  length = min(-(-n // BUCKET) * BUCKET, model.cfg.patch_length)
+  patches = np.zeros((1, length, model.cfg.patch_size), np.int32)
+  patches[0, :n] = ids
+  mask = (np.arange(length) < n)[None].astype(np.int32)
+  out = _forward(model, jnp.asarray(patches), jnp.asarray(mask))
+  n_chars = int(out.n_chars[0])
+  sum_logprob = float(out.sum_logprob[0])
+  return {"n_patches": n, "n_chars": n_chars, "mean_nll": -sum_logprob / max(n_chars, 1),
+          "sum_logprob": sum_logprob}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m notagen_jax.loglik", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True,
+                      help="a checkpoint directory, or a NotaGen .pth / .safetensors")
+  parser.add_argument("files", nargs="+")
+  args = parser.parse_args(argv)
+  model = checkpoint.load_model(args.checkpoint)
+  patchilizer = tokenizer.Patchilizer(patch_size=model.cfg.patch_size,
+                                      patch_length=model.cfg.patch_length)
+  for path in args.files:
+    with open(path, encoding="utf-8") as f:
+      ids = patchilizer.encode_train(f.read())
+    print(json.dumps({"file": path, **score_ids(model, ids)}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

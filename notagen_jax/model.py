@@ -1,0 +1,446 @@
+"""NotaGen's hierarchical transformer in Flax NNX: a patch-level GPT-2 and a char-level GPT-2.
+
+The patch-level decoder reads patches of 16 characters (one-hot, flattened, a Linear to H); its
+output at patch i conditions
+the char-level decoder that predicts the 16 characters of patch i+1. Shapes are static: the char
+decoder runs on every (patch i, patch i+1) pair of the batch, [B, L-1, 16], with masks, or on a random
+subset of K pairs per piece, or packed (`char_packing`) so that pad characters cost nothing.
+Table lookups that need a gradient are one-hot matmuls: a gather's gradient is a scatter-add, slow
+on CPU and serial on TPU, while the matmul is exact (one non-zero term) and cheap at vocab 128.
+
+Every parameter carries logical axis names (`out_sharding` metadata, read by
+`nnx.get_partition_spec`): 'vocab', 'embed', 'mlp', 'heads', 'kv', 'patch_in', 'position'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from notagen_jax import losses
+
+HEAD_DIM = 64
+LN_EPS = 1e-5
+# (patch_length, patch_layers, char_layers, hidden): the paper's sizes and the golden data's tiny.
+SIZES = {
+    "tiny": (256, 2, 1, 128),
+    "small": (2048, 12, 3, 768),
+    "medium": (2048, 16, 3, 1024),
+    "large": (1024, 20, 6, 1280),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of the model; `dtype` is the compute dtype, parameters stay `param_dtype`."""
+  patch_size: int = 16
+  patch_length: int = 2048
+  patch_layers: int = 12
+  char_layers: int = 3
+  hidden: int = 768
+  vocab: int = 128
+  dropout: float = 0.1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  # Train on K random target patches per piece (0 = all); only while training (not deterministic).
+  patch_sampling: int = 0
+  # Pack the char-level sequences of a piece end to end so pad characters are not computed.
+  char_packing: bool = False
+
+  def __post_init__(self):
+    if self.hidden % HEAD_DIM:
+      raise ValueError(f"hidden {self.hidden} is not a multiple of the head size {HEAD_DIM}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+
+  @property
+  def heads(self) -> int:
+    return self.hidden // HEAD_DIM
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> ModelConfig:
+    return cls(**json.loads(text))
+
+
+def config_for(size: str | tuple[int, int, int, int], **overrides: Any) -> ModelConfig:
+  """A config from a preset name or a (patch_length, patch_layers, char_layers, hidden) tuple."""
+  patch_length, patch_layers, char_layers, hidden = SIZES[size] if isinstance(size, str) else size
+  return ModelConfig(patch_length=patch_length, patch_layers=patch_layers,
+                     char_layers=char_layers, hidden=hidden, **overrides)
+
+
+class Extra(nnx.Variable):
+  """A tensor kept only so that exported checkpoints round-trip (never trained, never read)."""
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...],
+           cfg: ModelConfig) -> nnx.Param:
+  # Sharding is applied later by rules over these names (jit out_shardings), not eagerly here.
+  return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)),
+                   out_sharding=names, eager_sharding=False)
+
+
+_normal = nnx.initializers.normal(0.02)
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """LayerNorm computed in float32 whatever the compute dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
+  return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.scale = _param(rngs, _ones, (cfg.hidden,), ("embed",), cfg)
+    self.bias = _param(rngs, _zeros, (cfg.hidden,), ("embed",), cfg)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return layer_norm(x, self.scale[...], self.bias[...])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, drop: nnx.Dropout,
+              deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """Masked attention over [B, T, N, D]; mask broadcasts to [B, N, T, S] (True = attend).
+
+  Without dropout this is `jax.nn.dot_product_attention`; with it the probabilities are needed
+  explicitly, so it is written out (softmax in float32).
+  """
+  if deterministic or drop.rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+  probs = drop(jax.nn.softmax(logits, axis=-1), deterministic=False, rngs=rngs)
+  return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+
+
+def _local_keys(x: jax.Array, block: int, fill: int = 0) -> jax.Array:
+  """[R, C, ...] -> [R*C/block, 2*block, ...]: each block of C preceded by the block before it."""
+  blocks = x.reshape(x.shape[0], -1, block, *x.shape[2:])
+  pad = [(0, 0), (1, 0)] + [(0, 0)] * (blocks.ndim - 2)
+  previous = jnp.pad(blocks, pad, constant_values=fill)[:, :-1]
+  both = jnp.concatenate([previous, blocks], axis=2)
+  return both.reshape(-1, 2 * block, *x.shape[2:])
+
+
+class Block(nnx.Module):
+  """A GPT-2 block: pre-LN attention (fused q/k/v) and a 4H GELU(tanh) MLP, dropout on residuals."""
+
+  def __init__(self, cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs):
+    h, n = cfg.hidden, cfg.heads
+    # GPT-2 scales the residual output projections by 1/sqrt(2 * n_layers) at init.
+    out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * n_layers))
+    self.cfg = cfg
+    self.ln_1 = LayerNorm(cfg, rngs)
+    self.qkv = _param(rngs, _normal, (h, 3, n, HEAD_DIM), ("embed", None, "heads", "kv"), cfg)
+    self.qkv_bias = _param(rngs, _zeros, (3, n, HEAD_DIM), (None, "heads", "kv"), cfg)
+    self.attn_out = _param(rngs, out_init, (n, HEAD_DIM, h), ("heads", "kv", "embed"), cfg)
+    self.attn_out_bias = _param(rngs, _zeros, (h,), ("embed",), cfg)
+    self.ln_2 = LayerNorm(cfg, rngs)
+    self.fc = _param(rngs, _normal, (h, 4 * h), ("embed", "mlp"), cfg)
+    self.fc_bias = _param(rngs, _zeros, (4 * h,), ("mlp",), cfg)
+    self.proj = _param(rngs, out_init, (4 * h, h), ("mlp", "embed"), cfg)
+    self.proj_bias = _param(rngs, _zeros, (h,), ("embed",), cfg)
+    self.drop = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
+    """x [B, T, H]. With local_block, each query block attends to itself and the block before."""
+    dt = x.dtype
+    w = lambda p: p[...].astype(dt)
+    qkv = jnp.einsum("bth,hcnd->cbtnd", self.ln_1(x), w(self.qkv)) + w(self.qkv_bias)[:, None, None]
+    q, k, v = qkv
+    if local_block:
+      b, t = q.shape[:2]
+      k, v = _local_keys(k, local_block), _local_keys(v, local_block)
+      q = q.reshape(-1, local_block, *q.shape[2:])
+      y = attention(q, k, v, mask, self.drop, deterministic, rngs).reshape(b, t, *q.shape[2:])
+    else:
+      y = attention(q, k, v, mask, self.drop, deterministic, rngs)
+    y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
+    x = x + self.drop(y, deterministic=deterministic, rngs=rngs)
+    y = jax.nn.gelu(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), approximate=True)
+    y = y @ w(self.proj) + w(self.proj_bias)
+    return x + self.drop(y, deterministic=deterministic, rngs=rngs)
+
+
+def _run_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array, cfg: ModelConfig,
+                deterministic: bool, rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
+  def apply(block: Block, x: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    return block(x, mask, deterministic=deterministic, rngs=rngs, local_block=local_block)
+
+  if cfg.remat:
+    apply = nnx.remat(apply)
+  for block in blocks:
+    x = apply(block, x, mask, rngs)
+  return x
+
+
+def lookup(table: jax.Array, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """table[ids] as a one-hot matmul (see the module docstring), in `dtype`."""
+  one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=dtype)
+  return jnp.einsum("...v,vh->...h", one_hot, table.astype(dtype))
+
+
+def _causal(t: int) -> jax.Array:
+  return jnp.tril(jnp.ones((t, t), bool))
+
+
+class PatchDecoder(nnx.Module):
+  """One-hot patch -> Linear -> + positions -> GPT-2 stack -> LayerNorm, causal over patches."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    n_in = cfg.patch_size * cfg.vocab
+    bound = 1 / math.sqrt(n_in)  # torch Linear's default bias init
+    bias_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.cfg = cfg
+    self.embed = _param(rngs, _normal, (n_in, cfg.hidden), ("patch_in", "embed"), cfg)
+    self.embed_bias = _param(rngs, bias_init, (cfg.hidden,), ("embed",), cfg)
+    self.pos = _param(rngs, _normal, (cfg.patch_length, cfg.hidden), ("position", "embed"), cfg)
+    # The original's GPT2Model has a [1, H] token embedding it never uses.
+    self.unused_wte = Extra(_normal(rngs.params(), (1, cfg.hidden), jnp.dtype(cfg.param_dtype)))
+    self.blocks = nnx.List([Block(cfg, cfg.patch_layers, rngs) for _ in range(cfg.patch_layers)])
+    self.ln_f = LayerNorm(cfg, rngs)
+    self.drop = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, patches: jax.Array, mask: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> jax.Array:
+    """patches [B, L, P] int, mask [B, L] -> hidden [B, L, H] (compute dtype)."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    length = patches.shape[1]
+    # The original's Linear over the flattened one-hot patch; its 16 ones are summed in float32.
+    one_hot = jax.nn.one_hot(patches, cfg.vocab, dtype=dt).reshape(*patches.shape[:2], -1)
+    x = jnp.einsum("bli,ih->blh", one_hot, self.embed[...].astype(dt),
+                   preferred_element_type=jnp.float32)
+    x = (x + self.embed_bias[...] + self.pos[...][:length]).astype(dt)
+    x = self.drop(x, deterministic=deterministic, rngs=rngs)
+    attn_mask = _causal(length)[None, None] & mask.astype(bool)[:, None, None, :]
+    x = _run_blocks(self.blocks, x, attn_mask, cfg, deterministic, rngs)
+    return self.ln_f(x)
+
+
+class CharDecoder(nnx.Module):
+  """GPT-2 LM over [patch output, c1, ..., c16] with its head tied to the char embedding."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.wte = _param(rngs, _normal, (cfg.vocab, cfg.hidden), ("vocab", "embed"), cfg)
+    self.wpe = _param(rngs, _normal, (cfg.patch_size + 1, cfg.hidden), ("position", "embed"), cfg)
+    self.blocks = nnx.List([Block(cfg, cfg.char_layers, rngs) for _ in range(cfg.char_layers)])
+    self.ln_f = LayerNorm(cfg, rngs)
+    self.drop = nnx.Dropout(cfg.dropout)
+
+  def embed(self, first: jax.Array, chars: jax.Array, positions: jax.Array) -> jax.Array:
+    """Input embedding: `first` (the patch output) where position is 0, else wte[chars]; + wpe."""
+    dt = jnp.dtype(self.cfg.dtype)
+    x = jnp.where((positions == 0)[..., None], first.astype(dt), lookup(self.wte[...], chars, dt))
+    return x + lookup(self.wpe[...], positions, dt)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
+    """x [B, T, H] input embeddings -> float32 log-softmax over the vocabulary [B, T, V]."""
+    x = self.drop(x, deterministic=deterministic, rngs=rngs)
+    x = _run_blocks(self.blocks, x, mask, self.cfg, deterministic, rngs, local_block)
+    logits = jnp.einsum("bth,vh->btv", self.ln_f(x), self.wte[...].astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+class NotaGen(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.patch = PatchDecoder(cfg, rngs)
+    self.char = CharDecoder(cfg, rngs)
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> NotaGen:
+  """A randomly initialized model, initialized in one compiled call (eager init is slow)."""
+  return nnx.jit(NotaGen, static_argnums=0)(cfg, nnx.Rngs(seed))
+
+
+@flax.struct.dataclass
+class Output:
+  """What one forward pass gives; char arrays are [B, L-1, P]: target patch i+1 of each piece."""
+  char_logprob: jax.Array  # log p of each target char, 0 where not counted
+  char_mask: jax.Array  # 1.0 for the real target chars that count (pad and unsampled pairs: 0)
+  hidden: jax.Array  # [B, L, H] patch-level output
+
+  @property
+  def patch_logprob(self) -> jax.Array:
+    return self.char_logprob.sum(-1)
+
+  @property
+  def sum_logprob(self) -> jax.Array:
+    """[B] summed log-prob of each piece (DPO's sequence log-prob)."""
+    return self.char_logprob.sum((1, 2))
+
+  @property
+  def n_chars(self) -> jax.Array:
+    return self.char_mask.sum((1, 2))
+
+  @property
+  def loss(self) -> jax.Array:
+    """Mean NLL over all counted target chars of the batch: the original's training loss."""
+    return losses.nll(self.char_logprob, self.char_mask)
+
+
+def _unpacked_logprob(char: CharDecoder, encoded: jax.Array, targets: jax.Array,
+                      deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """Log p of targets [B, K, P] given encoded [B, K, H], every pair a row of P positions.
+
+  Position k reads c_k (position 0 the patch output) and predicts c_(k+1); the original's 17th
+  position only predicts past the patch, so it is not computed.
+  """
+  b, k, p = targets.shape
+  targets = targets.reshape(b * k, p)
+  inputs = jnp.pad(targets[:, :-1], [(0, 0), (1, 0)])
+  positions = jnp.broadcast_to(jnp.arange(p), inputs.shape)
+  x = char.embed(encoded.reshape(b * k, 1, -1), inputs, positions)
+  key_valid = (inputs != 0) | (positions == 0)
+  mask = _causal(p)[None, None] & key_valid[:, None, None, :]
+  logprobs = char(x, mask, deterministic=deterministic, rngs=rngs)
+  return _pick(logprobs, targets).reshape(b, k, p)
+
+
+def _pick(logprobs: jax.Array, labels: jax.Array) -> jax.Array:
+  """logprobs[..., labels] as a masked sum, whose gradient needs no scatter."""
+  return jnp.sum(logprobs * jax.nn.one_hot(labels, logprobs.shape[-1], dtype=logprobs.dtype), -1)
+
+
+def packed_length(patches: np.ndarray, mask: np.ndarray, multiple: int = 64) -> int:
+  """Smallest packed row length (a multiple of `multiple`) that holds every piece's char steps."""
+  steps = _pair_steps(jnp.asarray(patches)[:, 1:], _pair_valid(jnp.asarray(mask)))
+  need = int(np.asarray(steps.sum(-1)).max(initial=1))
+  return max(multiple, -(-need // multiple) * multiple)
+
+
+def _pair_valid(mask: jax.Array) -> jax.Array:
+  mask = mask.astype(bool)
+  return mask[:, :-1] & mask[:, 1:]
+
+
+def _pair_steps(targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """Char positions a pair needs: up to its last non-pad target char."""
+  p = targets.shape[-1]
+  last = jnp.max(jnp.where(targets != 0, jnp.arange(1, p + 1), 0), axis=-1)
+  return jnp.where(valid, last, 0)
+
+
+def _packed_logprob(char: CharDecoder, encoded: jax.Array, targets: jax.Array, valid: jax.Array,
+                    length: int, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """Same numbers as `_unpacked_logprob`, with each piece's pairs laid end to end in one row.
+
+  Slot s of a row holds position k of pair j. A pair spans at most P slots, so attention runs on
+  blocks of P queries against their own and the previous block, masked to the same pair and
+  causally. A piece needing more than `length` slots gets NaN, never a silent truncation.
+  """
+  b, k, p = targets.shape
+  if length % p:
+    raise ValueError(f"packed length {length} is not a multiple of the patch size {p}")
+  steps = _pair_steps(targets, valid)
+  ends = jnp.cumsum(steps, axis=-1)
+  slots = jnp.arange(length)
+  pair = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
+  pair = jnp.minimum(pair, k - 1)
+  position = slots - jnp.take_along_axis(ends - steps, pair, axis=-1)
+  in_use = slots < ends[:, -1:]
+  chars = jnp.take_along_axis(targets, pair[..., None], axis=1)  # [B, length, P]
+  label = jnp.take_along_axis(chars, position[..., None].clip(0, p - 1), axis=-1)[..., 0]
+  previous = jnp.take_along_axis(chars, (position[..., None] - 1).clip(0, p - 1), axis=-1)[..., 0]
+  position = jnp.where(in_use, position, 0)
+  # Each pair's patch output goes to its first slot: a scatter of distinct rows (pairs with no
+  # slot are dropped), whose gradient is a gather of K rows.
+  starts = jnp.where(steps > 0, ends - steps, length)
+  first = jnp.zeros((b, length, encoded.shape[-1]), encoded.dtype)
+  first = first.at[jnp.arange(b)[:, None], starts].set(encoded, mode="drop", unique_indices=True)
+  x = char.embed(first, previous, position)
+  key_valid = in_use & ((previous != 0) | (position == 0))
+  segment = jnp.where(key_valid, pair, -1)
+  q_seg = segment.reshape(-1, p)
+  k_seg = _local_keys(segment, p, fill=-1)
+  q_pos = position.reshape(-1, p)
+  k_pos = _local_keys(position, p)
+  mask = ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+          & (k_seg[:, None, :] >= 0))[:, None]
+  logprobs = char(x, mask, deterministic=deterministic, rngs=rngs, local_block=p)
+  picked = jnp.where(in_use & (label != 0), _pick(logprobs, label), 0.0)
+  rows = jnp.arange(b)[:, None]
+  out = jnp.zeros((b, k, p), jnp.float32).at[rows, pair, position].add(picked)
+  overflow = ends[:, -1] > length
+  return jnp.where(overflow[:, None, None], jnp.nan, out)
+
+
+def forward(model: NotaGen, patches: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+            rngs: nnx.Rngs | None = None, packed_len: int | None = None) -> Output:
+  """The training / scoring pass. patches [B, L, P] int32, mask [B, L] (1 = real patch).
+
+  Pieces are right-padded; pair i (patch i's output -> patch i+1's chars) counts when both patches
+  are real. While training (`deterministic=False`) `rngs` needs a 'dropout' stream, and a
+  'sampling' stream when `cfg.patch_sampling` is set. With `cfg.char_packing`, `packed_len` is the
+  static packed row length (see `packed_length`); None means every pair at full length (always
+  enough, saves nothing).
+  """
+  cfg = model.cfg
+  patches = patches.astype(jnp.int32)
+  hidden = model.patch(patches, mask, deterministic=deterministic, rngs=rngs)
+  b, length, p = patches.shape
+  encoded, targets, valid = hidden[:, :-1], patches[:, 1:], _pair_valid(mask)
+  sampled = cfg.patch_sampling and not deterministic and cfg.patch_sampling < length - 1
+  if sampled:
+    # K random real pairs per piece: top-k of random scores, invalid pairs ranked last.
+    scores = jax.random.uniform(rngs.sampling(), valid.shape) + valid
+    _, index = jax.lax.top_k(scores, cfg.patch_sampling)
+    index = jnp.sort(index, axis=-1)
+    pick = lambda a: jnp.take_along_axis(a, index.reshape(b, -1, *([1] * (a.ndim - 2))), axis=1)
+    encoded, targets, valid = pick(encoded), pick(targets), pick(valid)
+  if cfg.char_packing:
+    logprob = _packed_logprob(model.char, encoded, targets, valid,
+                              packed_len or targets.shape[1] * p, deterministic, rngs)
+  else:
+    logprob = _unpacked_logprob(model.char, encoded, targets, deterministic, rngs)
+  char_mask = ((targets != 0) & valid[..., None]).astype(jnp.float32)
+  logprob = logprob * char_mask
+  if sampled:
+    rows = jnp.arange(b)[:, None]
+    logprob = jnp.zeros((b, length - 1, p), jnp.float32).at[rows, index].set(logprob)
+    char_mask = jnp.zeros((b, length - 1, p), jnp.float32).at[rows, index].set(char_mask)
+  return Output(char_logprob=logprob, char_mask=char_mask, hidden=hidden)
+
+
+def next_char_probs(model: NotaGen, patches: jax.Array, mask: jax.Array,
+                    prefix: jax.Array | None = None) -> jax.Array:
+  """[B, V] distribution of the next char after each piece's last real patch and `prefix` [B, T].
+
+  With no prefix this is the first character of the next patch (the original's generate step).
+  """
+  hidden = model.patch(patches.astype(jnp.int32), mask, deterministic=True, rngs=None)
+  last = jnp.sum(mask.astype(jnp.int32), axis=1) - 1
+  encoded = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+  b = patches.shape[0]
+  chars = jnp.zeros((b, 0), jnp.int32) if prefix is None else prefix.astype(jnp.int32)
+  inputs = jnp.pad(chars, [(0, 0), (1, 0)])
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+  x = model.char.embed(encoded, inputs, positions)
+  t = inputs.shape[1]
+  logprobs = model.char(x, _causal(t)[None, None], deterministic=True, rngs=None)
+  return jnp.exp(logprobs[:, -1])

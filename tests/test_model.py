@@ -1,0 +1,249 @@
+"""The JAX model against the original's golden numbers and the PyTorch reference."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import torch_reference
+from notagen_jax import checkpoint
+from notagen_jax import model as model_lib
+from notagen_jax import torch_port
+
+forward = nnx.jit(model_lib.forward, static_argnames=("deterministic", "packed_len"))
+next_char_probs = nnx.jit(model_lib.next_char_probs)
+
+
+@pytest.fixture(scope="module")
+def cases(golden_dir):
+  return json.loads((golden_dir / "cases.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def state_dict(golden_dir):
+  return torch_port.load_state_dict(golden_dir / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+  return checkpoint.load_model(golden_dir / "tiny.pth")
+
+
+def _one(case):
+  patches = np.asarray(case["patch_ids"], np.int32)[None]
+  return patches, np.ones(patches.shape[:2], np.int32)
+
+
+def _batch(cases):
+  """The golden pieces right-padded into one batch."""
+  length = max(c["n_patches"] for c in cases)
+  patches = np.zeros((len(cases), length, 16), np.int32)
+  mask = np.zeros((len(cases), length), np.int32)
+  for i, c in enumerate(cases):
+    patches[i, :c["n_patches"]] = c["patch_ids"]
+    mask[i, :c["n_patches"]] = 1
+  return patches, mask
+
+
+@pytest.fixture(scope="module")
+def batch_out(tiny, cases):
+  """The golden pieces right-padded into one batch: outputs and next-char probabilities."""
+  patches, mask = _batch(cases)
+  return forward(tiny, patches, mask), next_char_probs(tiny, patches, mask)
+
+
+def test_golden_parity_unpadded(tiny, cases):
+  case = cases[0]
+  patches, mask = _one(case)
+  out = forward(tiny, patches, mask)
+  np.testing.assert_allclose(out.loss, case["loss"], rtol=1e-4)
+  np.testing.assert_allclose(out.sum_logprob[0], case["sum_char_logprob"], rtol=1e-4)
+  assert int(out.n_chars[0]) == case["n_target_chars"]
+  np.testing.assert_allclose(out.patch_logprob[0], case["per_target_patch_logprob"],
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out.hidden[0, 0, :8], case["patch_hidden_first_patch_first8"],
+                             atol=1e-4)
+  np.testing.assert_allclose(out.hidden[0, -1, :8], case["patch_hidden_last_patch_first8"],
+                             atol=1e-4)
+  probs = next_char_probs(tiny, patches, mask)
+  np.testing.assert_allclose(probs[0], case["generate_next_char_probs_after_piece"], atol=1e-5)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_golden_parity_padded_batch(batch_out, cases, index):
+  """Each piece of a right-padded batch gives the original's numbers for that piece alone."""
+  out, probs = batch_out
+  case = cases[index]
+  n = case["n_patches"]
+  assert int(out.n_chars[index]) == case["n_target_chars"]
+  np.testing.assert_allclose(-out.sum_logprob[index] / out.n_chars[index], case["loss"], rtol=1e-4)
+  np.testing.assert_allclose(out.sum_logprob[index], case["sum_char_logprob"], rtol=1e-4)
+  np.testing.assert_allclose(out.patch_logprob[index, :n - 1], case["per_target_patch_logprob"],
+                             rtol=1e-4, atol=1e-4)
+  assert not np.any(out.char_mask[index, n - 1:])
+  np.testing.assert_allclose(out.hidden[index, 0, :8], case["patch_hidden_first_patch_first8"],
+                             atol=1e-4)
+  np.testing.assert_allclose(out.hidden[index, n - 1, :8],
+                             case["patch_hidden_last_patch_first8"], atol=1e-4)
+  np.testing.assert_allclose(probs[index], case["generate_next_char_probs_after_piece"],
+                             atol=1e-5)
+
+
+def test_batch_loss_is_mean_over_all_chars(batch_out, cases):
+  total = sum(c["n_target_chars"] for c in cases)
+  expected = -sum(c["sum_char_logprob"] for c in cases) / total
+  np.testing.assert_allclose(batch_out[0].loss, expected, rtol=1e-4)
+
+
+def test_sharpened_weights_match_torch_reference(state_dict, cases):
+  # Larger, noisier weights make the distributions peaked, where small numerical slips show.
+  rng = np.random.default_rng(0)
+  sharp = {k: (3.0 * v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+           for k, v in state_dict.items() if k != torch_port.LM_HEAD}
+  sharp[torch_port.LM_HEAD] = sharp[torch_port.CHAR_WTE]
+  reference = torch_reference.from_state_dict({k: torch.from_numpy(v) for k, v in sharp.items()})
+  cfg, params = torch_port.params_from_state_dict(sharp)
+  model = checkpoint.build(cfg, params)
+  patches, mask = _one(cases[1])
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(patches).long(), torch.from_numpy(mask).long())
+    expected_probs = reference.next_char_probs(torch.from_numpy(patches).long())
+  out = forward(model, patches, mask)
+  assert float(out.loss) > 5.0  # really sharpened: far from the uniform 4.85 nats
+  np.testing.assert_allclose(out.loss, expected["loss"].item(), rtol=1e-4)
+  np.testing.assert_allclose(out.sum_logprob[0], expected["sum_logprob"].item(), rtol=1e-4)
+  np.testing.assert_allclose(out.patch_logprob[0], expected["per_patch_logprob"].numpy(),
+                             rtol=1e-3, atol=1e-2)
+  np.testing.assert_allclose(out.hidden[0], expected["hidden"][0].numpy(), atol=1e-3)
+  np.testing.assert_allclose(next_char_probs(model, patches, mask)[0],
+                             expected_probs[0].numpy(), atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(golden_dir, cases):
+  model = checkpoint.load_model(golden_dir / "tiny.pth", dtype="bfloat16")
+  patches, mask = _batch(cases)
+  out = forward(model, patches, mask)
+  # bf16 keeps 8 mantissa bits; LayerNorm, softmax and the head's accumulation stay float32.
+  total = sum(c["n_target_chars"] for c in cases)
+  np.testing.assert_allclose(out.loss, -sum(c["sum_char_logprob"] for c in cases) / total,
+                             rtol=1e-2)
+  for i, case in enumerate(cases):
+    np.testing.assert_allclose(out.sum_logprob[i], case["sum_char_logprob"], rtol=1e-2)
+
+
+def test_char_packing_matches_unpacked(golden_dir, batch_out, cases):
+  packed = checkpoint.load_model(golden_dir / "tiny.pth", char_packing=True)
+  patches, mask = _batch(cases)
+  length = model_lib.packed_length(patches, mask)
+  assert length < (patches.shape[1] - 1) * 16 * 0.8  # the pad characters really are skipped
+  out = batch_out[0]
+  out_packed = forward(packed, patches, mask, packed_len=length)
+  np.testing.assert_allclose(out_packed.loss, out.loss, rtol=1e-6)
+  np.testing.assert_allclose(out_packed.sum_logprob, out.sum_logprob, rtol=1e-6)
+  np.testing.assert_allclose(out_packed.char_logprob, out.char_logprob, atol=1e-5)
+  np.testing.assert_array_equal(out_packed.char_mask, out.char_mask)
+  # Too short a packed row is an error (NaN), never a silent truncation.
+  assert np.isnan(forward(packed, patches, mask, packed_len=length - 64).loss)
+
+
+def test_char_packing_gradients_match(golden_dir, tiny, cases):
+  packed = checkpoint.load_model(golden_dir / "tiny.pth", char_packing=True)
+  patches, mask = _batch(cases[1:])
+  patches, mask = patches[:, :80], mask[:, :80]  # short: this test is about the packed layout
+  length = model_lib.packed_length(patches, mask)
+  grad = nnx.jit(nnx.grad(lambda m, n: model_lib.forward(m, patches, mask, packed_len=n).loss),
+                 static_argnums=1)
+  expected = nnx.to_pure_dict(nnx.state(grad(tiny, None), nnx.Param))
+  actual = nnx.to_pure_dict(nnx.state(grad(packed, length), nnx.Param))
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6),
+               actual, expected)
+
+
+def test_next_char_probs_with_prefix_match_forward(tiny, cases):
+  patches, mask = _one(cases[2])
+  out = forward(tiny, patches, mask)
+  # Predict char 5 of the last patch from the piece before it and that patch's first 4 chars.
+  n = cases[2]["n_patches"]
+  prefix = patches[:, n - 1, :4]
+  probs = next_char_probs(tiny, patches[:, :n - 1], mask[:, :n - 1], prefix)
+  target = patches[0, n - 1, 4]
+  np.testing.assert_allclose(np.log(probs[0, target]), out.char_logprob[0, n - 2, 4], atol=1e-5)
+
+
+def test_patch_sampling_and_remat(golden_dir, cases):
+  patches, mask = _batch(cases)
+  patches, mask = patches[:, :64], mask[:, :64]  # every piece is longer: all 64 real
+  # No dropout, so that remat's gradients can be compared exactly; sampling still draws.
+  over = {"patch_sampling": 24, "dropout": 0.0}
+  model = checkpoint.load_model(golden_dir / "tiny.pth", **over)
+  remat = checkpoint.load_model(golden_dir / "tiny.pth", remat=True, **over)
+
+  def loss_fn(m, rngs):
+    out = model_lib.forward(m, patches, mask, deterministic=False, rngs=rngs)
+    return out.loss, out.char_mask
+
+  grad_fn = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+  (loss, char_mask), grads = grad_fn(model, nnx.Rngs(sampling=2))
+  (loss_remat, _), grads_remat = grad_fn(remat, nnx.Rngs(sampling=2))
+  # Exactly K real target patches per piece went through the char decoder.
+  np.testing.assert_array_equal(np.asarray(char_mask).any(-1).sum(-1), [24, 24, 24])
+  assert np.isfinite(loss)
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(grads_remat, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(grads, nnx.Param)))
+  # Sampling is training-only: the deterministic pass scores every pair.
+  out = forward(model, patches, mask)
+  assert int(out.n_chars.sum()) == int((patches[:, 1:] != 0).sum())
+
+
+def test_dropout_only_while_training(tiny, cases):
+  patches, mask = _batch(cases)
+  patches, mask = patches[:, :64], mask[:, :64]
+  train = nnx.jit(lambda m, rngs: model_lib.forward(m, patches, mask, deterministic=False,
+                                                    rngs=rngs).loss)
+  first, second = train(tiny, nnx.Rngs(dropout=1)), train(tiny, nnx.Rngs(dropout=2))
+  assert np.isfinite(first) and first != second
+  evaluated = forward(tiny, patches, mask).loss
+  np.testing.assert_allclose(forward(tiny, patches, mask).loss, evaluated, rtol=0)
+  assert abs(float(first) - float(evaluated)) < 0.5
+
+
+def test_manual_attention_matches_dot_product_attention():
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (2, 7, 2, 64)) for key in keys)
+  mask = jnp.tril(jnp.ones((7, 7), bool))[None, None] & (jnp.arange(7) < 5)[None, None, None]
+  expected = model_lib.attention(q, k, v, mask, nnx.Dropout(0.1), True, None)
+  # A rate so small that nothing is dropped exercises the explicit path.
+  explicit = jax.jit(lambda q, k, v: model_lib.attention(q, k, v, mask, nnx.Dropout(1e-12), False,
+                                                         nnx.Rngs(dropout=0)))
+  actual = explicit(q, k, v)
+  np.testing.assert_allclose(actual, expected, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = model_lib.config_for("tiny")
+  model = nnx.eval_shape(lambda: model_lib.NotaGen(cfg, nnx.Rngs(0)))
+  names = {"vocab", "embed", "mlp", "heads", "kv", "patch_in", "position", None}
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = param.get_metadata()["out_sharding"]
+    assert len(axes) == len(param.shape), path
+    assert set(axes) <= names, path
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  assert specs["patch"]["blocks"][0]["qkv"].get_value() == jax.sharding.PartitionSpec(
+      "embed", None, "heads", "kv")
+
+
+def test_presets():
+  assert model_lib.config_for("small").heads == 12
+  assert model_lib.config_for("tiny").heads == 2
+  large = model_lib.config_for((1024, 20, 6, 1280), dtype="bfloat16")
+  assert large == dataclasses.replace(model_lib.config_for("large"), dtype="bfloat16")
+  assert model_lib.ModelConfig.from_json(large.to_json()) == large
+  with pytest.raises(ValueError, match="multiple of the head size"):
+    model_lib.ModelConfig(hidden=100)
