@@ -49,7 +49,10 @@ def restore_params(directory: str | os.PathLike, **overrides: Any) -> model_lib.
   cfg = model_lib.ModelConfig.from_json((directory / CONFIG).read_text())
   cfg = dataclasses.replace(cfg, **overrides)
   abstract = nnx.eval_shape(lambda: model_lib.NotaGen(cfg, nnx.Rngs(0)))
-  target = nnx.to_pure_dict(nnx.state(abstract))
+  # Onto one local device, whatever mesh saved it (a trainer may have sharded it over many).
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                        nnx.to_pure_dict(nnx.state(abstract)))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / PARAMS, target)
   return build(cfg, params)

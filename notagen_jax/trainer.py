@@ -472,6 +472,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       if stop["signal"] or ckpt.reached_preemption(done):
         logging.warning("preempted: checkpoint saved at step %d, exiting", done)
         break
+    if int(state.step) == c.train.num_steps:
+      export_final(setup, state, workdir / FINAL_PARAMS)
   finally:
     ckpt.close()
     progress.close()
@@ -479,6 +481,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     if writer is not None:
       writer.close()
   return last
+
+
+FINAL_PARAMS = "final_params"
+
+
+def export_final(setup: Setup, state: TrainState, directory: pathlib.Path) -> None:
+  """The trained model as a params checkpoint: what `port to-torch` and generation load."""
+  if directory.exists():
+    return  # a rerun of a finished run
+  checkpoint.save_params(directory, _model(setup, state.params))
+  logging.info("final params: %s (python -m notagen_jax.port to-torch %s OUT.pth)", directory,
+               directory)
 
 
 def evaluate(c: ml_collections.ConfigDict, eval_step: Callable, state: TrainState, setup: Setup,

@@ -62,6 +62,13 @@ def test_one_step_pretrain(corpus_shards, tmp_path):
   assert "eval_loss" in metrics and "eval_bits_per_char" in metrics
   assert list((tmp_path / "tensorboard").iterdir())
   assert (tmp_path / "checkpoints" / "1").is_dir()
+  # The finished run exports to the original's .pth format.
+  subprocess.run([sys.executable, "-m", "notagen_jax.port", "to-torch",
+                  str(tmp_path / trainer.FINAL_PARAMS), str(tmp_path / "out.pth")], cwd=REPO,
+                 env=_env(), check=True, capture_output=True)
+  import torch  # pylint: disable=import-outside-toplevel
+  state_dict = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+  assert state_dict["patch_level_decoder.base.wpe.weight"].shape == (64, 128)
 
 
 def test_one_step_finetune_from_original_pth(corpus_shards, tmp_path, golden_dir):
