@@ -25,6 +25,7 @@ import tensorboardX
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from notagen_jax import checkpoint
 from notagen_jax import config as config_lib
@@ -59,6 +60,11 @@ class TrainState:
 
 class NonFiniteLoss(RuntimeError):
   pass
+
+
+REFERENCE_LOGPS = "reference_logps.json"
+EVAL_REFERENCE_LOGPS = "reference_logps_eval.json"
+FINAL_PARAMS = "final_params"
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -353,7 +359,7 @@ def eval_batches(c: ml_collections.ConfigDict, ref_logps_path: str | None) -> It
   return (batch for _, batch in zip(range(c.train.eval_batches), ds))
 
 
-def precompute_reference_logps(setup: Setup, pairs_file: str, out_path: pathlib.Path) -> str:
+def precompute_reference_logps(setup: Setup, pairs_file: str, out_path: pathlib.Path) -> None:
   """Reference log-probs of every pair, computed once (dropout off) and written beside the run."""
   c = setup.config
   patchilizer = Patchilizer(patch_length=c.model.patch_length)
@@ -378,7 +384,14 @@ def precompute_reference_logps(setup: Setup, pairs_file: str, out_path: pathlib.
   if jax.process_index() == 0:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out))
-  return str(out_path)
+
+
+def reference_logps(setup: Setup, pairs_file: str, path: pathlib.Path, exists: bool) -> str:
+  """The reference log-probs file of `pairs_file`, computed unless an earlier run left it."""
+  if not exists:
+    precompute_reference_logps(setup, pairs_file, path)
+  multihost_utils.sync_global_devices(f"notagen_jax:{path.name}")  # written before anyone reads
+  return str(path)
 
 
 def _summary(metrics: list[dict]) -> dict[str, float]:
@@ -397,18 +410,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
   setup = build_setup(c)
-  ref_logps_path = None
-  eval_ref_logps_path = None
+  # Every process looks before any writes: with several processes, a file one of them is
+  # writing must not look "already there" to another.
+  existing = {name: (workdir / name).exists()
+              for name in (REFERENCE_LOGPS, EVAL_REFERENCE_LOGPS, FINAL_PARAMS)}
+  multihost_utils.sync_global_devices("notagen_jax:workdir_checked")
+  ref_logps_path = eval_ref_logps_path = None
   if c.mode == "dpo" and c.dpo.precompute_reference:
-    ref_logps_path = workdir / "reference_logps.json"
-    if not ref_logps_path.exists():
-      precompute_reference_logps(setup, c.data.preference_file, ref_logps_path)
-    ref_logps_path = str(ref_logps_path)
+    ref_logps_path = reference_logps(setup, c.data.preference_file, workdir / REFERENCE_LOGPS,
+                                     existing[REFERENCE_LOGPS])
     if c.data.eval_preference_file:
-      eval_ref_logps_path = workdir / "reference_logps_eval.json"
-      if not eval_ref_logps_path.exists():
-        precompute_reference_logps(setup, c.data.eval_preference_file, eval_ref_logps_path)
-      eval_ref_logps_path = str(eval_ref_logps_path)
+      eval_ref_logps_path = reference_logps(setup, c.data.eval_preference_file,
+                                            workdir / EVAL_REFERENCE_LOGPS,
+                                            existing[EVAL_REFERENCE_LOGPS])
 
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep_checkpoints)
   data = make_train_data(c, ref_logps_path)
@@ -472,7 +486,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       if stop["signal"] or ckpt.reached_preemption(done):
         logging.warning("preempted: checkpoint saved at step %d, exiting", done)
         break
-    if int(state.step) == c.train.num_steps:
+    if int(state.step) == c.train.num_steps and not existing[FINAL_PARAMS]:
       export_final(setup, state, workdir / FINAL_PARAMS)
   finally:
     ckpt.close()
@@ -483,13 +497,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return last
 
 
-FINAL_PARAMS = "final_params"
-
-
 def export_final(setup: Setup, state: TrainState, directory: pathlib.Path) -> None:
   """The trained model as a params checkpoint: what `port to-torch` and generation load."""
-  if directory.exists():
-    return  # a rerun of a finished run
   checkpoint.save_params(directory, _model(setup, state.params))
   logging.info("final params: %s (python -m notagen_jax.port to-torch %s OUT.pth)", directory,
                directory)
