@@ -15,8 +15,8 @@ added, so the pipeline samples a key and makes the stream cut on ids without eve
 
 Build a small corpus from Python with `build_shards(prepared_dir, out_dir)`. The same builder makes
 the 1.6M-piece corpus with Apache Beam: tokenizing 15 transpositions per piece is the cost, and Beam
-spreads it over workers (the driver only lists the piece files and reads their `split`, one serial
-pass). A record takes about 15 * 16 bytes per patch, ~120 KB for a piece of 500 patches.
+spreads it over workers (the driver only reads `index.jsonl`, which `prepare` writes, for the
+files and their splits). A record takes about 15 * 16 bytes per patch, ~120 KB for a piece of 500 patches.
 
   pip install "apache-beam[gcp]"  # on the launching machine only
   tfds build notagen_shards --imports=notagen_jax.data.shards --config=p16_prompt \\
