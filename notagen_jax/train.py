@@ -22,8 +22,10 @@ flags.mark_flags_as_required(["config"])
 def initialize_distributed(c) -> None:
   d = c.distributed
   if d.coordinator_address:
+    # Unset counts (0 / -1) are left to JAX, which reads them from SLURM or the TPU environment.
     jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes, process_id=d.process_id)
+                               num_processes=d.num_processes or None,
+                               process_id=d.process_id if d.process_id >= 0 else None)
   elif d.num_processes != 0 or _launched_by_cluster():
     jax.distributed.initialize()  # reads the TPU / SLURM / MPI environment
 

@@ -1,0 +1,39 @@
+"""`python -m notagen_jax.plan --config=configs/pretrain.py:small --devices=v5p-64`.
+
+Prints the resolved mesh, the parameter count, memory per device (params, grads, AdamW state,
+activations with and without remat), FLOPs per step and the step time at a stated MFU, for a
+named topology (`--devices=v5p-64`, `v4-32`, `v5e-16`, `h100x8`, ...) or a mesh (`--mesh=2,4,1`),
+without those devices. `--devices=cpu` (the default) also compiles the real train step for this
+machine's CPU devices and prints XLA's memory analysis beside the estimate.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from notagen_jax import planning
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:size].",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_string("devices", None, "v5p-64, v4-32, v5e-16, v6e-8, h100x8, h200x16, "
+                               "a100x8 or cpu (default cpu when --mesh is not given).")
+_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (one may be -1 with --devices); "
+                            "default config.mesh.shape.")
+_MFU = flags.DEFINE_float("mfu", planning.DEFAULT_MFU, "Model FLOPs utilization for the step time.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  try:
+    mesh = planning.parse_mesh(_MESH.value) if _MESH.value else None
+    result = planning.plan(_CONFIG.value, devices=_DEVICES.value, mesh=mesh, mfu=_MFU.value)
+  except ValueError as error:
+    sys.exit(f"plan: {error}")
+  print(planning.format_plan(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,343 @@
+"""Planning a run without the hardware: mesh, parameters, memory per device, FLOPs, step time.
+
+`plan(config, devices=..., mesh=...)` resolves the mesh for a named topology (`v5p-64`, `v4-32`,
+`v5e-16`, `v6e-8`, `h100x8`, `h200x16`, `a100x8`, `cpu`) by shape arithmetic alone
+(`sharding.mesh_shape`), counts parameters exactly from `jax.eval_shape` of the model, and shards
+each parameter by the config's logical-axis rules (`sharding.logical_spec` against the mesh's axis
+sizes; no devices needed). Activations are an analytic estimate (`activation_bytes`, formula in
+its docstring). On the local CPU (`devices="cpu"`) the real train step is also compiled ahead of
+time and XLA's own memory analysis is reported beside the estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from notagen_jax import model as model_lib
+from notagen_jax import sharding
+from notagen_jax import trainer
+
+GiB = 2**30
+DEFAULT_MFU = 0.45
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A device slice by name: how many devices, on how many hosts, of which kind."""
+  name: str
+  n_devices: int  # chips (TPU) or GPUs: what jax.device_count() returns
+  n_hosts: int
+  device_kind: str  # a trainer.PEAK_FLOPS key; "" when unknown
+  hbm_bytes: float  # memory per device; 0 when unknown
+
+  @property
+  def peak_flops(self) -> float | None:
+    return trainer.PEAK_FLOPS.get(self.device_kind)
+
+
+# name prefix -> (device_kind, HBM bytes per chip, the name counts cores (2 per chip),
+# chips per host on multi-host slices, the most chips a single-host slice has)
+_TPUS = {
+    "v4": ("TPU v4", 32 * GiB, True, 4, 4),
+    "v5p": ("TPU v5p", 95 * GiB, True, 4, 4),
+    "v5e": ("TPU v5 lite", 16 * GiB, False, 4, 8),
+    "v5litepod": ("TPU v5 lite", 16 * GiB, False, 4, 8),
+    "v6e": ("TPU v6 lite", 32 * GiB, False, 4, 8),
+}
+# name prefix -> (device_kind, memory per GPU, GPUs per node)
+_GPUS = {
+    "h100": ("NVIDIA H100", 80e9, 8),
+    "h200": ("NVIDIA H200", 141e9, 8),
+    "a100": ("NVIDIA A100", 80e9, 8),
+}
+
+
+def topology(name: str) -> Topology:
+  """`v5p-64` (64 cores: 32 chips on 8 hosts), `v5e-16`, `h100x8` (8 GPUs), `h100x16` (2 nodes),
+  or `cpu` (this machine's jax.devices())."""
+  if name == "cpu":
+    devices = jax.devices("cpu")
+    return Topology("cpu", len(devices), 1, "", 0.0)
+  if m := re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name):
+    kind, hbm, counts_cores, per_host, single_host = _TPUS[m[1]]
+    n = int(m[2])
+    if counts_cores and n % 2:
+      raise ValueError(f"devices {name!r}: {m[1]} slices count TensorCores, 2 per chip")
+    chips = n // 2 if counts_cores else n
+    hosts = 1 if chips <= single_host else -(-chips // per_host)
+    return Topology(name, chips, hosts, kind, hbm)
+  if m := re.fullmatch(r"(h100|h200|a100)x(\d+)", name):
+    kind, memory, per_node = _GPUS[m[1]]
+    n = int(m[2])
+    return Topology(name, n, -(-n // per_node), kind, memory)
+  raise ValueError(f"devices {name!r}: expected v4-N, v5p-N, v5e-N, v6e-N, h100xN, h200xN, "
+                   "a100xN or cpu")
+
+
+def fake_mesh(shape: Sequence[int]) -> Any:
+  """What `sharding.logical_spec` reads of a mesh (its axis sizes), without devices."""
+  return types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, shape)))
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def shard_bytes(state: Any, mesh_shape: Sequence[int], rules: sharding.Rules) -> int:
+  """Bytes one device holds of `state`, sharded as `sharding.state_shardings` would shard it."""
+  mesh = fake_mesh(mesh_shape)
+  total = 0
+  for leaf in jax.tree.leaves(state, is_leaf=_is_variable):
+    names = leaf.get_metadata().get("out_sharding") if _is_variable(leaf) else None
+    spec = sharding.logical_spec(names, leaf.shape, mesh, rules) if names else ()
+    split = math.prod(math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+                      for axes in spec if axes)
+    total += math.prod(leaf.shape) // split * _itemsize(leaf.dtype)
+  return total
+
+
+def _itemsize(dtype: Any) -> int:
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return 8  # the default threefry key: two uint32
+  return jnp.dtype(dtype).itemsize
+
+
+def abstract_state(c: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
+  """(graphdef, rest, TrainState) of the config as ShapeDtypeStructs, as trainer.build_setup
+  makes them (same init functions, same optimizer)."""
+  cfg = trainer.model_config(c)
+  tx, _ = trainer.make_optimizer(c)
+
+  def init(key):
+    graphdef, params, rest = nnx.split(model_lib.NotaGen(cfg, nnx.Rngs(params=key)), nnx.Param,
+                                       ...)
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params), rng=key)
+    return graphdef, rest, state
+
+  return jax.eval_shape(init, jax.random.key(c.seed))
+
+
+def count_params(params: Any) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def activation_bytes(cfg: model_lib.ModelConfig, rows: int, patch_length: int,
+                     remat: bool) -> dict[str, float]:
+  """Bytes of activations live at the backward pass's peak on a device holding `rows` pieces.
+
+  An estimate. With s the compute dtype's bytes, H hidden, N heads, V vocab, P patch size, and
+  d = 1 when dropout is on (else 0), a GPT-2 block over T tokens with S keys saves per token
+      16 H s        (ln_1 in, ln_1 out, q, k, v, attention out, ln_2 in, ln_2 out, fc 4H, gelu 4H)
+    + 2 H 4 d       (two residual dropout masks, kept as the uint32 random bits they come from)
+    + N S (4 + d (4 + s))   (float32 softmax probs; with dropout its bits and the dropped probs)
+  The patch level runs T = S = L (patch_length) on each row, the char level T = S = P on each of
+  the row's K pairs (K = patch_sampling, else L - 1; char packing is not counted). Outside the
+  blocks, per token: patch level the one-hot patch P V s, the float32 embedding sum 4 H, the input
+  dropout bits 4 H d, ln_f in H s; char level the one-hot char and position inputs (V + P + 1) s,
+  the input dropout bits 4 H d, ln_f in and out 2 H s, float32 log-softmax and one-hot labels
+  2 V 4. While a block's backward runs, its cotangents are live too: about one more saved set of
+  the largest block ("backward").
+  With remat each block keeps only its input (T H s) and the block under backward has its saved
+  set recomputed ("recompute") besides its cotangents.
+  """
+  s = jnp.dtype(cfg.dtype).itemsize
+  d = 1 if cfg.dropout > 0 else 0
+  h, n, v, p = cfg.hidden, cfg.heads, cfg.vocab, cfg.patch_size
+  pairs = cfg.patch_sampling if 0 < cfg.patch_sampling < patch_length - 1 else patch_length - 1
+
+  def block(tokens: int, keys: int) -> float:
+    return tokens * (16 * h * s + 8 * h * d + n * keys * (4 + d * (4 + s)))
+
+  patch_tokens, char_tokens = rows * patch_length, rows * pairs * p
+  patch_block, char_block = block(patch_tokens, patch_length), block(char_tokens, p)
+  largest = max(patch_block, char_block)
+  if remat:
+    patch_blocks = cfg.patch_layers * patch_tokens * h * s
+    char_blocks = cfg.char_layers * char_tokens * h * s
+    recompute = largest
+  else:
+    patch_blocks, char_blocks = cfg.patch_layers * patch_block, cfg.char_layers * char_block
+    recompute = 0.0
+  patch_other = patch_tokens * (p * v * s + 4 * h + 4 * h * d + h * s)
+  char_other = char_tokens * ((v + p + 1) * s + 4 * h * d + 2 * h * s + 2 * v * 4)
+  out = {"patch_blocks": patch_blocks, "char_blocks": char_blocks, "recompute": recompute,
+         "backward": largest, "patch_other": patch_other, "char_other": char_other}
+  out["total"] = sum(out.values())
+  return out
+
+
+@dataclasses.dataclass
+class Plan:
+  config: ml_collections.ConfigDict
+  topology: Topology | None
+  mesh_shape: tuple[int, ...]
+  n_params: int
+  param_bytes: int  # per device, each of params / grads
+  opt_bytes: int  # per device: AdamW mu + nu (+ accumulated grads with grad_accum_steps > 1,
+  # + the DPO reference params when they are not precomputed)
+  activations: dict[str, float]  # per device, without remat
+  activations_remat: dict[str, float]
+  rows_per_device: int
+  flops_per_step: float
+  peak_flops: float | None
+  mfu: float
+  aot: dict[str, dict[str, float]] | None = None  # remat off / on -> XLA memory analysis
+
+  @property
+  def n_devices(self) -> int:
+    return math.prod(self.mesh_shape)
+
+  def total_bytes(self, remat: bool) -> float:
+    activations = self.activations_remat if remat else self.activations
+    return 2 * self.param_bytes + self.opt_bytes + activations["total"]
+
+  @property
+  def step_seconds(self) -> float | None:
+    if not self.peak_flops:
+      return None
+    return self.flops_per_step / (self.n_devices * self.peak_flops * self.mfu)
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"mesh {text!r}: expected data,fsdp,tensor sizes, e.g. 2,4,1") from None
+  if len(shape) != len(sharding.MESH_AXES):
+    raise ValueError(f"mesh {text!r}: one size per axis {sharding.MESH_AXES}")
+  return shape
+
+
+def plan(c: ml_collections.ConfigDict, devices: str | None = None,
+         mesh: Sequence[int] | None = None, mfu: float = DEFAULT_MFU,
+         compile_cpu: bool = True) -> Plan:
+  """The plan of config `c` on `devices` (a topology name) and/or `mesh` (may hold one -1)."""
+  if devices is None and mesh is None:
+    devices = "cpu"
+  topo = topology(devices) if devices else None
+  shape = tuple(mesh) if mesh is not None else tuple(c.mesh.shape)
+  if topo is not None:
+    resolved = sharding.mesh_shape(shape, topo.n_devices)
+  else:
+    if -1 in shape:
+      raise ValueError(f"mesh {shape} has a -1: give --devices to resolve it")
+    resolved = sharding.mesh_shape(shape, math.prod(shape))
+  dp = math.prod(resolved[sharding.MESH_AXES.index(a)] for a in sharding.BATCH_AXES)
+  if c.data.batch_size % dp:
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} does not split over the {dp} "
+                     f"data-parallel devices of mesh {dict(zip(sharding.MESH_AXES, resolved))}")
+  rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
+  cfg = trainer.model_config(c)
+  _, _, state = abstract_state(c)
+  param_bytes = shard_bytes(state.params, resolved, rules)
+  opt_bytes = shard_bytes(state.opt_state, resolved, rules)
+  rows = c.data.batch_size // dp
+  pieces = 2 if c.mode == "dpo" else 1  # DPO: chosen and rejected of each pair
+  flops = 3 * trainer.forward_flops(cfg, c.model.patch_length) * c.data.batch_size * pieces
+  # A DPO reference recomputed at every step is a second copy of the params.
+  reference = param_bytes if c.mode == "dpo" and not c.dpo.precompute_reference else 0
+  peak = c.peak_flops_per_device or (topo.peak_flops if topo else None)
+  result = Plan(c, topo, resolved, count_params(state.params), param_bytes, opt_bytes + reference,
+                activation_bytes(cfg, rows * pieces, c.model.patch_length, remat=False),
+                activation_bytes(cfg, rows * pieces, c.model.patch_length, remat=True),
+                rows, flops, peak, mfu)
+  if topo is not None and topo.name == "cpu" and compile_cpu and c.mode != "dpo":
+    result.aot = {name: aot_memory(c, resolved, remat)
+                  for name, remat in (("no remat", False), ("remat", True))}
+  return result
+
+
+def aot_memory(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
+               remat: bool) -> dict[str, float]:
+  """XLA's memory analysis of the real jitted train step, compiled for this machine's CPU devices
+  (nothing is allocated or run). Pre-training / fine-tuning steps only."""
+  if c.mode == "dpo":
+    raise ValueError("the ahead-of-time memory analysis covers pretrain / finetune steps")
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.model.remat = remat
+  devices = jax.devices("cpu")[:math.prod(mesh_shape)]
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
+  graphdef, rest, state = abstract_state(c)
+  # The non-trainable rest (one unused [1, H] tensor) is closed over by the step: make it real.
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  tx, schedule = trainer.make_optimizer(c)
+  setup = trainer.Setup(c, mesh, trainer.model_config(c), graphdef, rest, state,
+                        sharding.state_shardings(state, mesh, rules), None, tx, schedule)
+  batch = {"patches": jax.ShapeDtypeStruct(
+               (c.data.batch_size, c.model.patch_length, setup.model_cfg.patch_size), jnp.int32),
+           "masks": jax.ShapeDtypeStruct((c.data.batch_size, c.model.patch_length), jnp.int32)}
+  compiled = trainer.make_train_step(setup).lower(state, None, batch).compile()
+  m = compiled.memory_analysis()
+  out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+         "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def _bytes(x: float) -> str:
+  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if x >= scale:
+      return f"{x / scale:.2f} {unit}"
+  return f"{x:.0f} B"
+
+
+def format_plan(p: Plan) -> str:
+  c = p.config
+  cfg = trainer.model_config(c)
+  t = p.topology
+  mesh = " ".join(f"{a}={s}" for a, s in zip(sharding.MESH_AXES, p.mesh_shape))
+  if t is None:
+    where = f"mesh of {p.n_devices} devices (kind not given)"
+  elif t.name == "cpu":
+    where = f"cpu: {t.n_devices} local CPU devices"
+  else:
+    where = (f"{t.name}: {t.n_devices} x {t.device_kind} on {t.n_hosts} host(s), "
+             f"{_bytes(t.hbm_bytes)} each")
+  hosts = t.n_hosts if t else 1
+  lines = [
+      f"plan        {c.mode} {c.model.size} (patch_length {c.model.patch_length}, "
+      f"{cfg.patch_layers}+{cfg.char_layers} layers, hidden {cfg.hidden}, compute {cfg.dtype})",
+      f"devices     {where}",
+      f"mesh        {mesh} (config.mesh.shape {tuple(c.mesh.shape)})",
+      f"batch       {c.data.batch_size} rows global, {p.rows_per_device} per device, "
+      f"{c.data.batch_size // hosts} per host",
+      f"parameters  {p.n_params:,} ({p.n_params / 1e6:.1f}M)",
+      f"per device  params {_bytes(p.param_bytes)} + grads {_bytes(p.param_bytes)} + "
+      f"optimizer state {_bytes(p.opt_bytes)} = {_bytes(2 * p.param_bytes + p.opt_bytes)}",
+  ]
+  for label, acts, remat in (("no remat", p.activations, False),
+                             ("remat", p.activations_remat, True)):
+    total = p.total_bytes(remat)
+    fits = f" of {_bytes(t.hbm_bytes)} ({total / t.hbm_bytes:.0%})" if t and t.hbm_bytes else ""
+    lines.append(f"{label:<11} activations {_bytes(acts['total'])} (patch blocks "
+                 f"{_bytes(acts['patch_blocks'])}, char blocks {_bytes(acts['char_blocks'])}"
+                 + (f", one block recomputed {_bytes(acts['recompute'])}" if remat else "")
+                 + f", backward {_bytes(acts['backward'])}"
+                 + f"); total {_bytes(total)}{fits}")
+  if p.aot:
+    for label, m in p.aot.items():
+      estimate = p.total_bytes(label == "remat")
+      lines.append(f"xla {label:<7} compiled step on this CPU: peak {_bytes(m['peak'])} "
+                   f"(arguments {_bytes(m['argument'])}, temp {_bytes(m['temp'])}); "
+                   f"estimate / measured {estimate / m['peak']:.2f}")
+  lines.append(f"flops/step  {p.flops_per_step:.4g} (3 x forward x {c.data.batch_size} rows"
+               + (" x 2 for chosen + rejected" if c.mode == "dpo" else "") + ")")
+  if p.step_seconds:
+    lines.append(f"step time   {p.step_seconds:.4g} s at MFU {p.mfu:g} of "
+                 f"{p.peak_flops / 1e12:g} TFLOP/s x {p.n_devices} devices "
+                 f"({1 / p.step_seconds:.3g} steps/s)")
+  else:
+    lines.append("step time   n/a: peak FLOP/s unknown for these devices "
+                 "(set --config.peak_flops_per_device)")
+  return "\n".join(lines)
