@@ -129,11 +129,12 @@ def test_bfloat16_compute_close_to_float32(golden_dir, cases):
   patches, mask = _batch(cases)
   out = forward(model, patches, mask)
   # bf16 keeps 8 mantissa bits; LayerNorm, softmax and the head's accumulation stay float32.
+  # Measured: 1.5e-5 relative on these pieces; the bound leaves room for other weights.
   total = sum(c["n_target_chars"] for c in cases)
   np.testing.assert_allclose(out.loss, -sum(c["sum_char_logprob"] for c in cases) / total,
-                             rtol=1e-2)
+                             rtol=1e-3)
   for i, case in enumerate(cases):
-    np.testing.assert_allclose(out.sum_logprob[i], case["sum_char_logprob"], rtol=1e-2)
+    np.testing.assert_allclose(out.sum_logprob[i], case["sum_char_logprob"], rtol=1e-3)
 
 
 def test_char_packing_matches_unpacked(golden_dir, batch_out, cases):
