@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from notagen_jax import losses
+from notagen_jax import sharding
 
 HEAD_DIM = 64
 LN_EPS = 1e-5
@@ -317,7 +318,7 @@ def _unpacked_logprob(char: CharDecoder, encoded: jax.Array, targets: jax.Array,
   targets = targets.reshape(b * k, p)
   inputs = jnp.pad(targets[:, :-1], [(0, 0), (1, 0)])
   positions = jnp.broadcast_to(jnp.arange(p), inputs.shape)
-  x = char.embed(encoded.reshape(b * k, 1, -1), inputs, positions)
+  x = sharding.constrain_batch(char.embed(encoded.reshape(b * k, 1, -1), inputs, positions))
   key_valid = (inputs != 0) | (positions == 0)
   mask = _causal(p)[None, None] & key_valid[:, None, None, :]
   logprobs = char(x, mask, deterministic=deterministic, rngs=rngs)
@@ -375,7 +376,7 @@ def _packed_logprob(char: CharDecoder, encoded: jax.Array, targets: jax.Array, v
   starts = jnp.where(steps > 0, ends - steps, length)
   first = jnp.zeros((b, length, encoded.shape[-1]), encoded.dtype)
   first = first.at[jnp.arange(b)[:, None], starts].set(encoded, mode="drop", unique_indices=True)
-  x = char.embed(first, previous, position)
+  x = sharding.constrain_batch(char.embed(first, previous, position))
   key_valid = in_use & ((previous != 0) | (position == 0))
   segment = jnp.where(key_valid, pair, -1)
   q_seg = segment.reshape(-1, p)
@@ -404,7 +405,8 @@ def forward(model: NotaGen, patches: jax.Array, mask: jax.Array, *, deterministi
   """
   cfg = model.cfg
   patches = patches.astype(jnp.int32)
-  hidden = model.patch(patches, mask, deterministic=deterministic, rngs=rngs)
+  hidden = sharding.constrain_batch(model.patch(patches, mask, deterministic=deterministic,
+                                                rngs=rngs))
   b, length, p = patches.shape
   encoded, targets, valid = hidden[:, :-1], patches[:, 1:], _pair_valid(mask)
   sampled = cfg.patch_sampling and not deterministic and cfg.patch_sampling < length - 1

@@ -9,8 +9,10 @@ serves the tiny test model and the large one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -119,3 +121,30 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh) -> Iterator[None]:
+  """While tracing inside this context, `constrain_batch` shards activations over `mesh`."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dimension to the data-parallel axes.
+
+  Without it XLA may follow the fsdp-sharded weights instead and run the whole global batch on
+  every device. A no-op outside `activation_mesh` (single-device use, tests of the model alone).
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or x.shape[0] % data_parallel_size(mesh):
+    return x
+  spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

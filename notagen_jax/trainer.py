@@ -263,10 +263,11 @@ def make_loss_fn(setup: Setup) -> Callable:
   def loss_fn(params, reference, batch, rng, step):
     rngs = _rngs(rng, step)  # made inside the traced function that uses it
     model = _model(setup, params)
-    if dpo_loss is not None:
-      ref_model = _model(setup, reference) if reference is not None else None
-      return dpo_loss(model, ref_model, batch, rngs, False)
-    return nll_loss(model, batch, rngs, False)
+    with sharding.activation_mesh(setup.mesh):
+      if dpo_loss is not None:
+        ref_model = _model(setup, reference) if reference is not None else None
+        return dpo_loss(model, ref_model, batch, rngs, False)
+      return nll_loss(model, batch, rngs, False)
 
   return loss_fn
 
@@ -303,11 +304,12 @@ def make_eval_step(setup: Setup) -> Callable:
 
   def eval_step(params: Any, reference: Any, batch: dict) -> dict:
     model = _model(setup, params)
-    if dpo_loss is not None:
-      ref_model = _model(setup, reference) if reference is not None else None
-      loss, aux = dpo_loss(model, ref_model, batch, None, True)
-      return {"loss": loss, **aux}
-    loss, aux = nll_loss(model, batch, None, True)
+    with sharding.activation_mesh(setup.mesh):
+      if dpo_loss is not None:
+        ref_model = _model(setup, reference) if reference is not None else None
+        loss, aux = dpo_loss(model, ref_model, batch, None, True)
+      else:
+        loss, aux = nll_loss(model, batch, None, True)
     return {"loss": loss, **aux}
 
   return jax.jit(eval_step)

@@ -282,3 +282,14 @@ def test_flops_count_small():
   # ~2 * params * tokens plus attention: the patch level dominates per patch.
   flops = trainer.forward_flops(cfg, 2048)
   assert 3e11 < flops < 2e12
+
+
+def test_fsdp_mesh_splits_activations_by_batch():
+  """Weights sharded over fsdp must not pull the activations along: each device keeps its rows."""
+  from notagen_jax import planning  # pylint: disable=import-outside-toplevel
+  c = config_lib.base_config("pretrain", "tiny")
+  c.data.batch_size = 8
+  c.model.patch_length = 128
+  data_parallel = planning.aot_memory(c, (8, 1, 1), remat=False)["temp"]
+  fully_sharded = planning.aot_memory(c, (1, 8, 1), remat=False)["temp"]
+  assert fully_sharded < 1.25 * data_parallel
