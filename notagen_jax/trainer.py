@@ -93,11 +93,11 @@ def peak_flops(c: ml_collections.ConfigDict) -> float | None:
 
 
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: no decay on biases and LayerNorm scales."""
+  """Weight decay on matrices only: no decay on biases and LayerNorm parameters."""
   def decays(path, _):
-    name = str(getattr(path[-1], "key", path[-1])) if path else ""
-    names = [str(getattr(k, "key", k)) for k in path]
-    return not (name.endswith("bias") or any(n.startswith("ln") for n in names))
+    # The param names are the dict keys; a Variable adds a trailing `.value` attribute.
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return not (names[-1].endswith("bias") or any(n.startswith("ln") for n in names))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -293,3 +293,38 @@ def test_fsdp_mesh_splits_activations_by_batch():
   data_parallel = planning.aot_memory(c, (8, 1, 1), remat=False)["temp"]
   fully_sharded = planning.aot_memory(c, (1, 8, 1), remat=False)["temp"]
   assert fully_sharded < 1.25 * data_parallel
+
+
+def test_resume_on_a_different_mesh(corpus_shards, tmp_path):
+  c = tiny_config("pretrain", tmp_path, corpus_shards, **{"mesh.shape": (2, 2, 2)})
+  trainer.train_and_evaluate(c, str(tmp_path))
+  c.mesh.shape = (1, -1, 1)
+  c.train.num_steps = 2
+  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  assert sorted(_read_metrics(tmp_path)) == [1, 2] and np.isfinite(metrics["loss"])
+
+
+def test_gradient_accumulation_updates_every_k_steps():
+  c = config_lib.base_config("pretrain", "tiny")
+  c.optimizer.grad_accum_steps = 2
+  c.optimizer.warmup_steps = 0
+  tx, _ = trainer.make_optimizer(c)
+  params = {"w": np.ones((2, 2), np.float32)}
+  grads = {"w": np.full((2, 2), 0.5, np.float32)}
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  assert not np.any(np.asarray(updates["w"]))  # first micro-step: accumulated only
+  updates, state = tx.update(grads, state, params)
+  assert np.all(np.asarray(updates["w"]) < 0)  # second: one AdamW step on the mean gradient
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+  c = config_lib.base_config("pretrain", "tiny")
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from notagen_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  abstract = nnx.eval_shape(lambda: model_lib.NotaGen(trainer.model_config(c), nnx.Rngs(0)))
+  _, params, _ = nnx.split(abstract, nnx.Param, ...)
+  mask = trainer._decay_mask(params)  # pylint: disable=protected-access
+  decayed = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+  assert any("fc'" in k for k in decayed) and any("wte" in k for k in decayed)
+  assert not any("bias" in k or "ln" in k for k in decayed)
