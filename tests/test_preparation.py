@@ -143,3 +143,13 @@ def test_prepare_entry_point_builds_shards_that_load(score_folder, tmp_path):
       piece["prompt"] + piece["augmented"][abc.major_key(piece["original_key"])]))
       for piece in by_id.values())
   assert texts == expected
+
+
+def test_same_piece_in_two_formats_is_prepared_once():
+  sources = [corpus.PieceSource("bach__bwv277", "/c/bach/bwv277.krn"),
+             corpus.PieceSource("bach__bwv277", "/c/bach/bwv277.mxl"),
+             corpus.PieceSource("bach__bwv278", "/c/bach/bwv278.krn")]
+  kept, left_out = corpus.dedupe(sources)
+  assert [s.path for s in kept] == ["/c/bach/bwv277.mxl", "/c/bach/bwv278.krn"]
+  assert left_out == [{"file": "/c/bach/bwv277.krn", "piece_id": "bach__bwv277",
+                       "same_piece_as": "/c/bach/bwv277.mxl"}]

@@ -106,6 +106,23 @@ def _music21_to_musicxml(source: str | pathlib.Path, fmt: str) -> bytes:
     raise abc.PieceError(f"music21 could not read it: {type(error).__name__}: {error}") from error
 
 
+def dedupe(sources: Iterable[PieceSource]) -> tuple[list[PieceSource], list[dict[str, str]]]:
+  """One source per piece id: the same piece in several formats (bwv277.krn and bwv277.mxl) is
+  prepared once, from MusicXML first (xml2abc reads it directly), then Humdrum, then ABC.
+  Returns the sources kept and, for each file left out, which one stands for it."""
+  rank = {suffix: i for i, suffix in enumerate(MUSICXML_SUFFIXES + (".krn", ".abc"))}
+  by_id: dict[str, list[PieceSource]] = {}
+  for source in sources:
+    by_id.setdefault(source.piece_id, []).append(source)
+  kept, left_out = [], []
+  for group in by_id.values():
+    group.sort(key=lambda s: (rank[pathlib.Path(s.path).suffix.lower()], s.path))
+    kept.append(group[0])
+    left_out += [{"file": s.path, "piece_id": s.piece_id, "same_piece_as": group[0].path}
+                 for s in group[1:]]
+  return kept, left_out
+
+
 def split_abc_tunes(text: str) -> list[str]:
   """The tunes of an ABC file: each starts at an `X:` line; text before the first is dropped."""
   tunes, current = [], None

@@ -103,7 +103,7 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
   """Prepares every source not yet done; returns (and writes) the report."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  sources = list(sources)
+  sources, duplicates = corpus.dedupe(sources)
   if options.limit:
     sources = sources[:options.limit]
   todo = []
@@ -134,6 +134,7 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
       pool.close()
       pool.join()
   report = build_report(out, sources, options.eval_fraction, time.time() - start, len(jobs))
+  report["duplicates"] = duplicates
   (out / "report.json").write_text(json.dumps(report, indent=1))
   return report
 
@@ -171,5 +172,7 @@ def summary(report: dict) -> str:
   return (f"prepared {report['prepared']} of {report['requested']} pieces "
           f"(train {report['train']}, eval {report['eval']}); failed {report['failed']}"
           + (f" ({kinds})" if kinds else "")
+          + (f"; {len(report['duplicates'])} files left out as the same piece in another format"
+             if report.get("duplicates") else "")
           + f"; this run processed {report['processed_this_run']} in "
           f"{report['seconds_this_run']} s")
