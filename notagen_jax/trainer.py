@@ -129,20 +129,21 @@ def _rngs(rng: jax.Array, step: jax.Array) -> nnx.Rngs:
 
 
 def nll_loss(model: model_lib.NotaGen, batch: dict, rngs: nnx.Rngs | None,
-             deterministic: bool) -> tuple[jax.Array, dict]:
+             deterministic: bool, packed_len: int | None = None) -> tuple[jax.Array, dict]:
   out = model_lib.forward(model, batch["patches"], batch["masks"], deterministic=deterministic,
-                          rngs=rngs)
+                          rngs=rngs, packed_len=packed_len)
   n_chars = out.char_mask.sum()
   return out.loss, {"n_chars": n_chars, "nll_sum": -out.char_logprob.sum()}
 
 
 def sequence_logprobs(model: model_lib.NotaGen, chosen: dict, rejected: dict,
-                      rngs: nnx.Rngs | None,
-                      deterministic: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      rngs: nnx.Rngs | None, deterministic: bool,
+                      packed_len: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Summed log-probs of chosen and rejected pieces in one forward over both; and the char count."""
   patches = jnp.concatenate([chosen["patches"], rejected["patches"]])
   masks = jnp.concatenate([chosen["masks"], rejected["masks"]])
-  out = model_lib.forward(model, patches, masks, deterministic=deterministic, rngs=rngs)
+  out = model_lib.forward(model, patches, masks, deterministic=deterministic, rngs=rngs,
+                          packed_len=packed_len)
   n = chosen["patches"].shape[0]
   return out.sum_logprob[:n], out.sum_logprob[n:], out.n_chars.sum()
 
@@ -154,17 +155,18 @@ def dpo_loss_fn(c: ml_collections.ConfigDict) -> Callable:
   loss_fn = DPO_FNS[c.dpo.loss]
   extra = {"lam": c.dpo.lam} if c.dpo.loss == "dpo_positive" else {}
 
-  def dpo_loss(model, reference, batch, rngs, deterministic):
+  def dpo_loss(model, reference, batch, rngs, deterministic, packed_len=None):
     chosen = {"patches": batch["chosen"], "masks": batch["chosen_masks"]}
     rejected = {"patches": batch["rejected"], "masks": batch["rejected_masks"]}
     policy_chosen, policy_rejected, n_chars = sequence_logprobs(model, chosen, rejected, rngs,
-                                                                deterministic)
+                                                                deterministic, packed_len)
     if "ref_chosen_logp" in batch:
       ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
     else:
       ref_deterministic = deterministic or not c.dpo.reference_dropout
       ref_chosen, ref_rejected, _ = jax.lax.stop_gradient(sequence_logprobs(
-          reference, chosen, rejected, None if ref_deterministic else rngs, ref_deterministic))
+          reference, chosen, rejected, None if ref_deterministic else rngs, ref_deterministic,
+          packed_len))
     loss, metrics = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                             beta=c.dpo.beta, **extra)
     return loss, {**metrics, "n_chars": n_chars}
@@ -240,8 +242,6 @@ def build_setup(c: ml_collections.ConfigDict,
     params, rest = _load_init_params(c, cfg, abstract_params)
     params = jax.device_put(params, shardings.params)
     state = jax.jit(init_state, out_shardings=shardings)(params, key)
-    if c.mode == "dpo" and not c.dpo.precompute_reference:
-      reference = jax.tree.map(jnp.copy, state.params)
   else:
     # Sharded initialization: each device computes only its shard, no full copy anywhere.
     def fresh(key):
@@ -249,6 +249,8 @@ def build_setup(c: ml_collections.ConfigDict,
       return init_state(params, key), rest
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state, rest = jax.jit(fresh, out_shardings=(shardings, replicated))(key)
+  if c.mode == "dpo" and not c.dpo.precompute_reference:
+    reference = jax.tree.map(jnp.copy, state.params)  # frozen: never passed to the optimizer
   return Setup(c, mesh, cfg, graphdef, rest, state, shardings, reference, tx, schedule)
 
 
@@ -260,14 +262,14 @@ def make_loss_fn(setup: Setup) -> Callable:
   """(params, reference, batch, rng, step) -> (loss, aux) of one training step, dropout on."""
   dpo_loss = dpo_loss_fn(setup.config) if setup.config.mode == "dpo" else None
 
-  def loss_fn(params, reference, batch, rng, step):
+  def loss_fn(params, reference, batch, rng, step, packed_len=None):
     rngs = _rngs(rng, step)  # made inside the traced function that uses it
     model = _model(setup, params)
     with sharding.activation_mesh(setup.mesh):
       if dpo_loss is not None:
         ref_model = _model(setup, reference) if reference is not None else None
-        return dpo_loss(model, ref_model, batch, rngs, False)
-      return nll_loss(model, batch, rngs, False)
+        return dpo_loss(model, ref_model, batch, rngs, False, packed_len)
+      return nll_loss(model, batch, rngs, False, packed_len)
 
   return loss_fn
 
@@ -276,8 +278,10 @@ def make_train_step(setup: Setup) -> Callable:
   skip_nonfinite = setup.config.train.nan_policy == "skip"
   grad_fn = jax.value_and_grad(make_loss_fn(setup), has_aux=True)
 
-  def train_step(state: TrainState, reference: Any, batch: dict) -> tuple[TrainState, dict]:
-    (loss, aux), grads = grad_fn(state.params, reference, batch, state.rng, state.step)
+  def train_step(state: TrainState, reference: Any, batch: dict,
+                 packed_len: int | None = None) -> tuple[TrainState, dict]:
+    (loss, aux), grads = grad_fn(state.params, reference, batch, state.rng, state.step,
+                                 packed_len)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -292,27 +296,53 @@ def make_train_step(setup: Setup) -> Callable:
     return new, metrics
 
   reference_sharding = setup.state_shardings.params if setup.reference is not None else None
-  return jax.jit(train_step, donate_argnums=0,
+  return jax.jit(train_step, donate_argnums=0, static_argnums=3,
                  in_shardings=(setup.state_shardings, reference_sharding,
                                sharding.batch_sharding(setup.mesh)),
                  out_shardings=(setup.state_shardings, None))
+
+
+# Packed char rows are rounded up to 1/8 of the unpacked length: at most 8 compiled variants.
+PACKING_BUCKETS = 8
+
+
+def packed_length(setup: Setup, local_batch: dict) -> int | None:
+  """The static packed char-row length for this batch (None when packing is off).
+
+  Computed on the host from the real patches, the same on every process (the largest of theirs),
+  rounded up to a bucket so that few lengths ever compile.
+  """
+  cfg = setup.model_cfg
+  if not cfg.char_packing:
+    return None
+  full = (setup.config.model.patch_length - 1) * cfg.patch_size
+  bucket = 64 * -(-full // (64 * PACKING_BUCKETS))  # a multiple of 64, so of the patch size
+  if "patches" in local_batch:
+    patches, masks = local_batch["patches"], local_batch["masks"]
+  else:
+    patches = np.concatenate([local_batch["chosen"], local_batch["rejected"]])
+    masks = np.concatenate([local_batch["chosen_masks"], local_batch["rejected_masks"]])
+  needed = model_lib.packed_length(patches, masks, multiple=bucket)
+  if jax.process_count() > 1:
+    needed = int(np.max(multihost_utils.process_allgather(np.int32(needed))))
+  return min(needed, full)
 
 
 def make_eval_step(setup: Setup) -> Callable:
   c = setup.config
   dpo_loss = dpo_loss_fn(c) if c.mode == "dpo" else None
 
-  def eval_step(params: Any, reference: Any, batch: dict) -> dict:
+  def eval_step(params: Any, reference: Any, batch: dict, packed_len: int | None = None) -> dict:
     model = _model(setup, params)
     with sharding.activation_mesh(setup.mesh):
       if dpo_loss is not None:
         ref_model = _model(setup, reference) if reference is not None else None
-        loss, aux = dpo_loss(model, ref_model, batch, None, True)
+        loss, aux = dpo_loss(model, ref_model, batch, None, True, packed_len)
       else:
-        loss, aux = nll_loss(model, batch, None, True)
+        loss, aux = nll_loss(model, batch, None, True, packed_len)
     return {"loss": loss, **aux}
 
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, static_argnums=3)
 
 
 def _process_batch_size(c: ml_collections.ConfigDict) -> int:
@@ -451,8 +481,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   tick, nan_skips = time.perf_counter(), 0
   try:
     for step in range(first_step, c.train.num_steps):
-      batch = sharding.global_batch(next(data), setup.mesh)
-      state, metrics = train_step(state, setup.reference, batch)
+      local = next(data)
+      batch = sharding.global_batch(local, setup.mesh)
+      state, metrics = train_step(state, setup.reference, batch, packed_length(setup, local))
       history.append(metrics)
       done = step + 1
       if not bool(metrics["finite"]):
@@ -511,7 +542,8 @@ def evaluate(c: ml_collections.ConfigDict, eval_step: Callable, state: TrainStat
   totals: dict[str, float] = {}
   n = 0
   for batch in eval_batches(c, ref_logps_path):
-    metrics = eval_step(state.params, setup.reference, sharding.global_batch(batch, setup.mesh))
+    metrics = eval_step(state.params, setup.reference, sharding.global_batch(batch, setup.mesh),
+                        packed_length(setup, batch))
     for k, v in metrics.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     n += 1

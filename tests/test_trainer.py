@@ -328,3 +328,26 @@ def test_no_weight_decay_on_biases_and_layer_norms():
   decayed = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
   assert any("fc'" in k for k in decayed) and any("wte" in k for k in decayed)
   assert not any("bias" in k or "ln" in k for k in decayed)
+
+
+def test_char_packing_in_the_trainer_keeps_the_loss(corpus_shards, tmp_path):
+  losses = {}
+  for packing in (False, True):
+    c = tiny_config("pretrain", tmp_path / str(packing), corpus_shards,
+                    **{"model.dropout": 0.0, "model.char_packing": packing, "train.num_steps": 2})
+    trainer.train_and_evaluate(c, c.workdir)
+    losses[packing] = [row["loss"] for _, row in sorted(_read_metrics(c.workdir).items())]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_packed_length_is_bucketed(tmp_path):
+  c = tiny_config("pretrain", tmp_path, **{"model.char_packing": True, "model.patch_length": 256})
+  cfg = trainer.model_config(c)
+  fake = trainer.Setup(c, None, cfg, None, None, None, None, None, None, None)
+  patches = np.zeros((2, 256, 16), np.int32)
+  masks = np.zeros((2, 256), np.int32)
+  patches[:, :10, :3] = 65
+  masks[:, :10] = 1
+  length = trainer.packed_length(fake, {"patches": patches, "masks": masks})
+  # 2 pieces x 9 pairs x 4 char steps need 36 slots; the bucket is 1/8 of 255 * 16, in 64s.
+  assert length == 512
