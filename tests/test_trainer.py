@@ -349,5 +349,5 @@ def test_packed_length_is_bucketed(tmp_path):
   patches[:, :10, :3] = 65
   masks[:, :10] = 1
   length = trainer.packed_length(fake, {"patches": patches, "masks": masks})
-  # 2 pieces x 9 pairs x 4 char steps need 36 slots; the bucket is 1/8 of 255 * 16, in 64s.
+  # The few real chars fit in the first bucket: 1/8 of the 255 * 16 slots, rounded up to 64s.
   assert length == 512
