@@ -85,6 +85,15 @@ def forward_flops(cfg: model_lib.ModelConfig, n_patches: int) -> float:
   return float(patch_level + char_level)
 
 
+def step_flops(setup: Setup, local_batch: dict) -> float:
+  """Model FLOPs of a training step on this process's rows: 3x the forward over each row's real
+  patches (chosen and rejected for DPO, plus a reference forward when it runs each step)."""
+  cfg = setup.model_cfg
+  masks = [local_batch[k] for k in ("masks", "chosen_masks", "rejected_masks") if k in local_batch]
+  forward = sum(forward_flops(cfg, int(n)) for m in masks for n in np.sum(m, axis=-1) if n > 1)
+  return forward * (4 if setup.reference is not None else 3)
+
+
 def peak_flops(c: ml_collections.ConfigDict) -> float | None:
   if c.peak_flops_per_device:
     return c.peak_flops_per_device
@@ -467,9 +476,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if (
       jax.process_index() == 0) else None
   peak = peak_flops(c)
-  flops_per_row = 3 * forward_flops(setup.model_cfg, c.model.patch_length)
-  if c.mode == "dpo":
-    flops_per_row *= 2  # chosen and rejected
   n_devices = jax.device_count()
 
   stop = {"signal": False}
@@ -484,7 +490,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       local = next(data)
       batch = sharding.global_batch(local, setup.mesh)
       state, metrics = train_step(state, setup.reference, batch, packed_length(setup, local))
-      history.append(metrics)
+      history.append({**metrics, "flops": step_flops(setup, local) * jax.process_count()})
       done = step + 1
       if not bool(metrics["finite"]):
         if c.train.nan_policy == "stop":
@@ -500,7 +506,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         last = _summary(history)
         last["steps_per_s"] = len(history) / seconds
         last["chars_per_s"] = last["n_chars"] * last["steps_per_s"]
-        tflops = flops_per_row * c.data.batch_size * last["steps_per_s"] / n_devices
+        tflops = last["flops"] * last["steps_per_s"] / n_devices
         last["tflops_per_device"] = tflops / 1e12
         if peak:
           last["mfu"] = tflops / peak

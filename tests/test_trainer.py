@@ -59,6 +59,7 @@ def test_one_step_pretrain(corpus_shards, tmp_path):
   metrics = trainer.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(metrics["loss"]) and 3.0 < metrics["loss"] < 6.0
   assert metrics["n_chars"] > 0 and metrics["chars_per_s"] > 0
+  assert metrics["tflops_per_device"] > 0
   assert "eval_loss" in metrics and "eval_bits_per_char" in metrics
   assert list((tmp_path / "tensorboard").iterdir())
   assert (tmp_path / "checkpoints" / "1").is_dir()
@@ -351,3 +352,12 @@ def test_packed_length_is_bucketed(tmp_path):
   length = trainer.packed_length(fake, {"patches": patches, "masks": masks})
   # The few real chars fit in the first bucket: 1/8 of the 255 * 16 slots, rounded up to 64s.
   assert length == 512
+
+
+def test_step_flops_count_real_patches_only():
+  c = config_lib.base_config("pretrain", "tiny")
+  cfg = trainer.model_config(c)
+  fake = trainer.Setup(c, None, cfg, None, None, None, None, None, None, None)
+  masks = np.zeros((2, 256), np.int32)
+  masks[0, :10] = 1
+  assert trainer.step_flops(fake, {"masks": masks}) == 3 * trainer.forward_flops(cfg, 10)
