@@ -33,17 +33,8 @@ Example, 2 nodes x 8 GPUs:
 EOF
 }
 
-quote() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+="${out:+ }$arg"
-    else
-      out+="${out:+ }'${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 workdir="${WORKDIR:-}"
 config="${CONFIG:-configs/pretrain.py:small}"

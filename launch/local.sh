@@ -27,18 +27,8 @@ Anything after `--` (or any --config.x=y) goes to every process, e.g.
 EOF
 }
 
-# Prints its arguments as one shell-quoted line that pastes back as the same words.
-quote() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+="${out:+ }$arg"
-    else
-      out+="${out:+ }'${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 workdir="${WORKDIR:-}"
 config="${CONFIG:-configs/pretrain.py:small}"

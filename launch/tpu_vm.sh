@@ -47,17 +47,8 @@ Example (2-host v5p slice):
 EOF
 }
 
-quote() {
-  local out="" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+="${out:+ }$arg"
-    else
-      out+="${out:+ }'${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 name="${TPU_NAME:-}"
 project="${PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}"

@@ -42,7 +42,8 @@ def test_help(script):
 def test_shellcheck(script):
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-  result = subprocess.run(["shellcheck", str(LAUNCH / script)], capture_output=True, text=True)
+  result = subprocess.run(["shellcheck", "--external-sources", str(LAUNCH / script)], cwd=REPO,
+                          capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
 
 
