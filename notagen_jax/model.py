@@ -142,6 +142,18 @@ def _local_keys(x: jax.Array, block: int, fill: int = 0) -> jax.Array:
   return both.reshape(-1, 2 * block, *x.shape[2:])
 
 
+@flax.struct.dataclass
+class KVCache:
+  """One attention layer's keys and values for inference, [B, S, N, D]."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (batch, length, cfg.heads, HEAD_DIM)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
 class Block(nnx.Module):
   """A GPT-2 block: pre-LN attention (fused q/k/v) and a 4H GELU(tanh) MLP, dropout on residuals."""
 
@@ -162,15 +174,29 @@ class Block(nnx.Module):
     self.proj_bias = _param(rngs, _zeros, (h,), ("embed",), cfg)
     self.drop = nnx.Dropout(cfg.dropout)
 
+  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [B, T, N, D] of x [B, T, H]."""
+    dt = x.dtype
+    h, qkv, qkv_bias = self.ln_1(x), self.qkv[...].astype(dt), self.qkv_bias[...].astype(dt)
+    # Three projections rather than one fused einsum: each output is already [B, T, N, D], which
+    # spares XLA activation transposes both ways (the small model's CPU step ran ~20% faster).
+    return tuple(jnp.einsum("bth,hnd->btnd", h, qkv[:, i]) + qkv_bias[i] for i in range(3))
+
+  def _finish(self, x: jax.Array, y: jax.Array, deterministic: bool,
+              rngs: nnx.Rngs | None) -> jax.Array:
+    """The residual stream after attention output y [B, T, N, D]: projection, then the MLP."""
+    dt = x.dtype
+    w = lambda p: p[...].astype(dt)
+    y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
+    x = x + self.drop(y, deterministic=deterministic, rngs=rngs)
+    y = jax.nn.gelu(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), approximate=True)
+    y = y @ w(self.proj) + w(self.proj_bias)
+    return x + self.drop(y, deterministic=deterministic, rngs=rngs)
+
   def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
     """x [B, T, H]. With local_block, each query block attends to itself and the block before."""
-    dt = x.dtype
-    w = lambda p: p[...].astype(dt)
-    h, qkv, qkv_bias = self.ln_1(x), w(self.qkv), w(self.qkv_bias)
-    # Three projections rather than one fused einsum: each output is already [B, T, N, D], which
-    # spares XLA activation transposes both ways (the small model's CPU step ran ~20% faster).
-    q, k, v = (jnp.einsum("bth,hnd->btnd", h, qkv[:, i]) + qkv_bias[i] for i in range(3))
+    q, k, v = self._project(x)
     if local_block:
       b, t = q.shape[:2]
       k, v = _local_keys(k, local_block), _local_keys(v, local_block)
@@ -178,11 +204,20 @@ class Block(nnx.Module):
       y = attention(q, k, v, mask, self.drop, deterministic, rngs).reshape(b, t, *q.shape[2:])
     else:
       y = attention(q, k, v, mask, self.drop, deterministic, rngs)
-    y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
-    x = x + self.drop(y, deterministic=deterministic, rngs=rngs)
-    y = jax.nn.gelu(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), approximate=True)
-    y = y @ w(self.proj) + w(self.proj_bias)
-    return x + self.drop(y, deterministic=deterministic, rngs=rngs)
+    return self._finish(x, y, deterministic, rngs)
+
+  def decode(self, x: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Inference on x [B, T, H] at positions start[b] + t, reading and extending the cache.
+
+    Keys beyond a query's position are masked, so cache slots past a row's end may hold anything.
+    """
+    q, k, v = self._project(x)
+    write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0)))
+    cache = KVCache(write(cache.k, k, start), write(cache.v, v, start))
+    query_pos = start[:, None] + jnp.arange(x.shape[1])
+    mask = (jnp.arange(cache.k.shape[1]) <= query_pos[..., None])[:, None]
+    y = jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask)
+    return self._finish(x, y, True, None), cache
 
 
 def _run_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array, cfg: ModelConfig,
@@ -227,18 +262,30 @@ class PatchDecoder(nnx.Module):
   def __call__(self, patches: jax.Array, mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
     """patches [B, L, P] int, mask [B, L] -> hidden [B, L, H] (compute dtype)."""
-    cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
     length = patches.shape[1]
-    # The original's Linear over the flattened one-hot patch; its 16 ones are summed in float32.
-    one_hot = jax.nn.one_hot(patches, cfg.vocab, dtype=dt).reshape(*patches.shape[:2], -1)
-    x = jnp.einsum("bli,ih->blh", one_hot, self.embed[...].astype(dt),
-                   preferred_element_type=jnp.float32)
-    x = (x + self.embed_bias[...] + self.pos[...][:length]).astype(dt)
+    x = self._embed(patches, self.pos[...][:length])
     x = self.drop(x, deterministic=deterministic, rngs=rngs)
     attn_mask = _causal(length)[None, None] & mask.astype(bool)[:, None, None, :]
-    x = _run_blocks(self.blocks, x, attn_mask, cfg, deterministic, rngs)
+    x = _run_blocks(self.blocks, x, attn_mask, self.cfg, deterministic, rngs)
     return self.ln_f(x)
+
+  def _embed(self, patches: jax.Array, positions: jax.Array) -> jax.Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    # The original's Linear over the flattened one-hot patch; its 16 ones are summed in float32.
+    one_hot = jax.nn.one_hot(patches, self.cfg.vocab, dtype=dt).reshape(*patches.shape[:2], -1)
+    x = jnp.einsum("bli,ih->blh", one_hot, self.embed[...].astype(dt),
+                   preferred_element_type=jnp.float32)
+    return (x + self.embed_bias[...] + positions).astype(dt)
+
+  def decode(self, patches: jax.Array, cache: list[KVCache],
+             start: jax.Array) -> tuple[jax.Array, list[KVCache]]:
+    """Inference on patches [B, T, P] at positions start[b] + t -> hidden [B, T, H] and the cache."""
+    positions = start[:, None] + jnp.arange(patches.shape[1])
+    x = self._embed(patches.astype(jnp.int32), self.pos[...][positions])
+    cache = list(cache)
+    for i, block in enumerate(self.blocks):
+      x, cache[i] = block.decode(x, cache[i], start)
+    return self.ln_f(x), cache
 
 
 class CharDecoder(nnx.Module):
@@ -263,9 +310,20 @@ class CharDecoder(nnx.Module):
     """x [B, T, H] input embeddings -> float32 log-softmax over the vocabulary [B, T, V]."""
     x = self.drop(x, deterministic=deterministic, rngs=rngs)
     x = _run_blocks(self.blocks, x, mask, self.cfg, deterministic, rngs, local_block)
+    return self._logprobs(x)
+
+  def _logprobs(self, x: jax.Array) -> jax.Array:
     logits = jnp.einsum("bth,vh->btv", self.ln_f(x), self.wte[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
     return jax.nn.log_softmax(logits, axis=-1)
+
+  def decode(self, x: jax.Array, cache: list[KVCache],
+             start: jax.Array) -> tuple[jax.Array, list[KVCache]]:
+    """Inference on input embeddings x [B, T, H] at start[b] + t -> log-probs [B, T, V], cache."""
+    cache = list(cache)
+    for i, block in enumerate(self.blocks):
+      x, cache[i] = block.decode(x, cache[i], start)
+    return self._logprobs(x), cache
 
 
 class NotaGen(nnx.Module):

@@ -1,0 +1,448 @@
+"""Sampling: the original's filters and a KV-cached, batched sampler with the original's semantics.
+
+Per character: keep the top k, renormalize; keep the smallest set whose cumulative probability
+exceeds p (the crossing token included), renormalize; raise the kept probabilities to 1/T and
+renormalize; draw. A patch is 16 characters; what follows its first eos becomes pad; a patch
+starting bos, eos ends the piece. The first body patch, once it starts with `[r:`, is drawn again
+after forcing `[r:0/`. A full context keeps the metadata and the last half of the body lines.
+
+Where the original re-runs both decoders for every character, one piece at a time, this keeps a
+KV cache in the patch-level decoder across patches and one in the character-level decoder within a
+patch, draws whole patches inside one compiled loop, and runs many pieces at once: every row has
+its own RNG stream (a piece's draws depend on its seed and index only), its own context length and
+stop state, and a finished row takes the next waiting piece (continuous batching).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from notagen_jax import model as model_lib
+from notagen_jax.data import tokenizer
+
+BODY_MARKER = "[r:"
+FIRST_BODY_PREFIX = "[r:0/"
+# Row events returned per generated patch.
+IDLE, APPENDED, ENDED, FULL = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Sampling hyper-parameters (the original's CLaMP-DPO values by default) and guards."""
+  top_k: int = 9
+  top_p: float = 0.9
+  temperature: float = 1.2
+  max_chars: int = 102400
+  max_seconds: float = 600.0
+  # The original drops the prompt lines when the context overflows (only generated metadata is
+  # kept); keeping them keeps the conditioning. False reproduces the original exactly.
+  keep_prompt_on_overflow: bool = True
+
+  def __post_init__(self):
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.temperature < 0.0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+
+
+def filter_probs(probs: jax.Array, top_k: int, top_p: float, temperature: float) -> jax.Array:
+  """The distribution a character is drawn from: top-k, then top-p, then temperature. [..., V]."""
+  sorted_probs, order = jax.lax.top_k(probs, probs.shape[-1])
+  kept = _filter_sorted(sorted_probs, top_k, top_p, temperature)
+  return jnp.take_along_axis(kept, jnp.argsort(order, axis=-1), axis=-1)
+
+
+def _normalize(p: jax.Array) -> jax.Array:
+  return p / p.sum(-1, keepdims=True)
+
+
+def _filter_sorted(sorted_probs: jax.Array, top_k: int, top_p: float,
+                   temperature: float) -> jax.Array:
+  """`filter_probs` on probabilities sorted in decreasing order."""
+  rank = jnp.arange(sorted_probs.shape[-1])
+  p = sorted_probs
+  if top_k:
+    p = _normalize(jnp.where(rank < top_k, p, 0.0))
+  if top_p < 1.0:
+    before = jnp.concatenate([jnp.zeros_like(p[..., :1]), jnp.cumsum(p, axis=-1)[..., :-1]], -1)
+    p = _normalize(jnp.where((rank == 0) | (before <= top_p), p, 0.0))
+  if temperature == 0.0:
+    return (rank == 0).astype(p.dtype) * jnp.ones_like(p)
+  return _normalize(p ** (1.0 / temperature))
+
+
+def draw(keys: jax.Array, probs: jax.Array, settings: Settings) -> jax.Array:
+  """One character per row of probs [B, V], row b drawn with keys[b]."""
+  sorted_probs, order = jax.lax.top_k(probs, probs.shape[-1])
+  kept = _filter_sorted(sorted_probs, settings.top_k, settings.top_p, settings.temperature)
+  index = jax.vmap(jax.random.categorical)(keys, jnp.log(kept))
+  return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0]
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """The device-side state of every row of a batch."""
+  cache: list[model_lib.KVCache]  # patch-level keys / values, [B, capacity, N, D] per layer
+  hidden: jax.Array  # [B, H] patch-level output at the last context patch
+  length: jax.Array  # [B] patches in the context
+  prefix: jax.Array  # [B, P] chars of the next patch already given (an open last bar)
+  prefix_len: jax.Array  # [B]
+  in_body: jax.Array  # [B] the tune body has started (the original's tunebody_flag)
+  active: jax.Array  # [B]
+  keys: jax.Array  # [B] one RNG key per piece
+  step: jax.Array  # [B] patches drawn so far for the piece, folded into its key
+
+
+def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int) -> DecodeState:
+  p = cfg.patch_size
+  return DecodeState(
+      cache=[model_lib.KVCache.empty(cfg, batch, capacity) for _ in range(cfg.patch_layers)],
+      hidden=jnp.zeros((batch, cfg.hidden), cfg.dtype),
+      length=jnp.zeros((batch,), jnp.int32), prefix=jnp.zeros((batch, p), jnp.int32),
+      prefix_len=jnp.zeros((batch,), jnp.int32), in_body=jnp.zeros((batch,), bool),
+      active=jnp.zeros((batch,), bool), keys=jax.random.split(jax.random.key(0), batch),
+      step=jnp.zeros((batch,), jnp.int32))
+
+
+def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
+                prefix_len: jax.Array, keys: jax.Array, settings: Settings) -> jax.Array:
+  """[B, P] chars of the next patch: the prefix, then drawn chars, one cached char step each."""
+  cfg = model.cfg
+  b, p = prefix.shape
+  cache = [model_lib.KVCache.empty(cfg, b, p) for _ in range(cfg.char_layers)]
+
+  def step(t, carry):
+    cache, chars, previous = carry
+    position = jnp.full((b, 1), t)
+    x = model.char.embed(hidden[:, None], previous[:, None], position)
+    logprobs, cache = model.char.decode(x, cache, position[:, 0])
+    char_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
+    drawn = draw(char_keys, jnp.exp(logprobs[:, 0]), settings)
+    char = jnp.where(t < prefix_len, prefix[:, t], drawn).astype(jnp.int32)
+    return cache, chars.at[:, t].set(char), char
+
+  init = (cache, jnp.zeros((b, p), jnp.int32), jnp.zeros((b,), jnp.int32))
+  return jax.lax.fori_loop(0, p, step, init)[1]
+
+
+def _pad_after_eos(chars: jax.Array) -> jax.Array:
+  seen = jnp.cumsum(chars == tokenizer.EOS, axis=-1) - (chars == tokenizer.EOS)
+  return jnp.where(seen > 0, tokenizer.PAD, chars)
+
+
+def _starts_with(chars: jax.Array, start: jax.Array, text: str) -> jax.Array:
+  """Whether chars[b, start[b]:] begins with text."""
+  index = (start[:, None] + jnp.arange(len(text))).clip(0, chars.shape[1] - 1)
+  picked = jnp.take_along_axis(chars, index, axis=1)
+  fits = start + len(text) <= chars.shape[1]
+  return fits & jnp.all(picked == jnp.array([ord(c) for c in text]), axis=1)
+
+
+def _next_patch(model: model_lib.NotaGen, state: DecodeState,
+                settings: Settings) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
+  """Every active row draws one patch: (state, (patch [B, P], event [B], text_from [B]))."""
+  cfg = model.cfg
+  p = cfg.patch_size
+  keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
+  chars = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys, settings)
+  # Chars given as a prefix are already in the piece's text; the forced `[r:0/` is not.
+  text_from = state.prefix_len
+  redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER)
+
+  def regenerate(chars):
+    forced = jnp.array([ord(c) for c in FIRST_BODY_PREFIX] + [0] * (p - len(FIRST_BODY_PREFIX)))
+    redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
+    again = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
+                        jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
+                        settings)
+    return jnp.where(redo[:, None], again, chars)
+
+  chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
+  text_from = jnp.where(redo, 0, text_from)
+  chars = _pad_after_eos(chars)
+  ended = _starts_with(chars, text_from, chr(tokenizer.BOS) + chr(tokenizer.EOS))
+  full = state.length + 1 >= cfg.patch_length
+  event = jnp.where(~state.active, IDLE, jnp.where(ended, ENDED, jnp.where(full, FULL, APPENDED)))
+  feed = event == APPENDED
+  hidden, cache = model.patch.decode(chars[:, None], state.cache, state.length)
+  state = state.replace(
+      cache=cache,
+      hidden=jnp.where(feed[:, None], hidden[:, 0], state.hidden),
+      length=state.length + feed,
+      prefix_len=jnp.where(state.active, 0, state.prefix_len),
+      in_body=state.in_body | redo,
+      active=feed,
+      step=state.step + state.active)
+  return state, (chars, event, text_from)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+def _generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, settings: Settings,
+              n_patches: int) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
+  """n_patches patches for every row: patches [n, B, P], events [n, B], text_from [n, B]."""
+  model = nnx.merge(graphdef, params)
+  return jax.lax.scan(lambda s, _: _next_patch(model, s, settings), state, None, n_patches)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, row: jax.Array,
+             patches: jax.Array, n_patches: jax.Array, prefix: jax.Array, prefix_len: jax.Array,
+             in_body: jax.Array, key: jax.Array, step: jax.Array) -> DecodeState:
+  """Loads one piece's context (patches [1, T, P], the first n_patches real) into `row`."""
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg
+  t = patches.shape[1]
+  row_cache = [model_lib.KVCache.empty(cfg, 1, t) for _ in range(cfg.patch_layers)]
+  hidden, row_cache = model.patch.decode(patches, row_cache, jnp.zeros((1,), jnp.int32))
+  put = lambda full, part: jax.lax.dynamic_update_slice(full, part.astype(full.dtype),
+                                                        (row, 0, 0, 0))
+  cache = [model_lib.KVCache(put(c.k, r.k), put(c.v, r.v)) for c, r in zip(state.cache, row_cache)]
+  return state.replace(
+      cache=cache,
+      hidden=state.hidden.at[row].set(hidden[0, n_patches - 1]),
+      length=state.length.at[row].set(n_patches),
+      prefix=state.prefix.at[row].set(prefix),
+      prefix_len=state.prefix_len.at[row].set(prefix_len),
+      in_body=state.in_body.at[row].set(in_body),
+      active=state.active.at[row].set(True),
+      keys=state.keys.at[row].set(key),
+      step=state.step.at[row].set(step))
+
+
+@dataclasses.dataclass
+class Piece:
+  """One piece being generated, with the original's bookkeeping of its text."""
+  index: int
+  prompt: str
+  in_body: bool
+  start_time: float
+  # What an overflowing context keeps of the prompt: all of a metadata-only prompt (with
+  # `keep_prompt_on_overflow`); the metadata of a prompt whose body started, its body going to `body`.
+  prompt_head: str = ""
+  text: list[str] = dataclasses.field(default_factory=list)  # generated text, patch by patch
+  metadata: list[str] = dataclasses.field(default_factory=list)  # generated before the body
+  body: list[str] = dataclasses.field(default_factory=list)  # the body in the current context
+  patches: int = 0
+  overflows: int = 0
+
+  @property
+  def chars(self) -> int:
+    return len(self.prompt) + sum(map(len, self.text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """A finished piece. `text` is the prompt plus the raw generated ABC (reduced, stream markers).
+
+  `ok` is False when a guard stopped it (characters, time, a context that cannot be cut).
+  """
+  index: int
+  prompt: str
+  text: str
+  ok: bool
+  reason: str
+  patches: int
+  overflows: int
+  seconds: float
+
+
+def split_prompt(patchilizer: tokenizer.Patchilizer,
+                 text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+  """A prompt's full patches [n, P], the chars of its open last patch, and whether a body started."""
+  in_body = any(line.startswith(("[r:", "[V:")) for line in text.split("\n"))
+  if in_body:
+    ids = patchilizer.encode_generate(text)
+  else:
+    # A metadata prompt is encoded as the original's inference does (encode_generate would read
+    # a text without body lines as both metadata and body).
+    ids = patchilizer.to_ids([patchilizer.bos_patch] + [
+        patch for line in tokenizer.text_lines(text)
+        for patch in tokenizer.chunk(line, patchilizer.patch_size)])
+  prefix: list[int] = []
+  if len(ids[-1]) < patchilizer.patch_size:
+    prefix = ids.pop()
+  full = np.asarray(ids, np.int32).reshape(-1, patchilizer.patch_size)
+  return full, np.asarray(prefix, np.int32), in_body
+
+
+def overflow_context(piece: Piece) -> str | None:
+  """The text re-encoded when the context is full, as the original; None where it gives up.
+
+  Generated metadata plus the last half (rounded down) of the body lines, the last left open.
+  """
+  body = "".join(piece.body)
+  if "\n" not in body:
+    return None
+  lines = body.strip().split("\n")
+  if body.endswith("\n"):
+    lines = [line + "\n" for line in lines]
+  else:
+    lines = [line + "\n" for line in lines[:-1]] + lines[-1:]
+  kept = "".join(lines[-(len(lines) // 2):])
+  piece.body = [kept]
+  return piece.prompt_head + "".join(piece.metadata) + kept
+
+
+def _bucket(n: int, cap: int, minimum: int = 8) -> int:
+  """Next power of two >= n (at least `minimum`, at most `cap`): few compiled shapes."""
+  return min(cap, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def _grow(state: DecodeState, capacity: int) -> DecodeState:
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, capacity - a.shape[1]), (0, 0), (0, 0)])
+  return state.replace(cache=[model_lib.KVCache(pad(c.k), pad(c.v)) for c in state.cache])
+
+
+class Sampler:
+  """Generates pieces from prompt texts, `batch` rows at a time, with the cached decoders.
+
+  Each compiled call draws `patches_per_call` patches for every row; between calls the host reads
+  the new patches, finishes pieces, refills free rows and re-encodes full contexts.
+  """
+
+  def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
+               patches_per_call: int = 8):
+    self.cfg = model.cfg
+    self.settings = settings
+    self.batch = batch
+    self.patches_per_call = patches_per_call
+    self.graphdef, self.params = nnx.split(model)
+    self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
+                                             patch_length=self.cfg.patch_length)
+
+  def run(self, prompts: Sequence[str], seed: int = 0,
+          on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i)."""
+    run = _Run(self, prompts, seed, on_result)
+    return run.results
+
+
+class _Run:
+  """One `Sampler.run`: the slots, the waiting pieces and the device state."""
+
+  def __init__(self, sampler: Sampler, prompts: Sequence[str], seed: int,
+               on_result: Callable[[Result], None] | None):
+    self.sampler = sampler
+    self.cfg = sampler.cfg
+    self.on_result = on_result
+    self.base_key = jax.random.key(seed)
+    self.prompts = list(prompts)
+    encoded = [split_prompt(sampler.patchilizer, prompt) for prompt in self.prompts]
+    for i, (ids, _, _) in enumerate(encoded):
+      if len(ids) >= self.cfg.patch_length:
+        raise ValueError(f"prompt {i} fills the whole context ({len(ids)} patches of "
+                         f"{self.cfg.patch_length}); shorten it")
+    longest = max((len(ids) for ids, _, _ in encoded), default=0)
+    self.capacity = _bucket(longest + sampler.patches_per_call, self.cfg.patch_length, 64)
+    self.state = empty_state(self.cfg, sampler.batch, self.capacity)
+    self.slots: list[Piece | None] = [None] * sampler.batch
+    finished: dict[int, Result] = {}
+    self.finished = finished
+    waiting = collections.deque(range(len(self.prompts)))
+    while waiting or any(self.slots):
+      for row in range(sampler.batch):
+        if self.slots[row] is None and waiting:
+          i = waiting.popleft()
+          ids, prefix, in_body = encoded[i]
+          self.slots[row] = self._new_piece(i, in_body)
+          self._load(row, ids, prefix, in_body, step=0)
+      self._step()
+    self.results = [finished[i] for i in range(len(self.prompts))]
+
+  def _new_piece(self, index: int, in_body: bool) -> Piece:
+    prompt = self.prompts[index]
+    piece = Piece(index, prompt, in_body, time.perf_counter())
+    if in_body:
+      lines = tokenizer.text_lines(prompt)
+      split = next(i for i, line in enumerate(lines) if line.startswith(("[r:", "[V:")))
+      piece.prompt_head = "".join(lines[:split])
+      piece.body = ["".join(lines[split:])[:len(prompt) - len("".join(lines[:split]))]]
+    elif self.sampler.settings.keep_prompt_on_overflow:
+      piece.prompt_head = prompt
+    return piece
+
+  def _load(self, row: int, ids: np.ndarray, prefix: np.ndarray, in_body: bool, step: int):
+    p = self.cfg.patch_size
+    self._ensure_capacity(len(ids) + self.sampler.patches_per_call)
+    padded = np.zeros((1, _bucket(len(ids), self.capacity), p), np.int32)
+    padded[0, :len(ids)] = ids
+    full_prefix = np.zeros((p,), np.int32)
+    full_prefix[:len(prefix)] = prefix
+    key = jax.random.fold_in(self.base_key, self.slots[row].index)
+    self.state = _prefill(self.sampler.graphdef, self.sampler.params, self.state, jnp.int32(row),
+                          jnp.asarray(padded), jnp.int32(len(ids)), jnp.asarray(full_prefix),
+                          jnp.int32(len(prefix)), jnp.bool_(in_body), key, jnp.int32(step))
+
+  def _ensure_capacity(self, need: int):
+    if need > self.capacity and self.capacity < self.cfg.patch_length:
+      self.capacity = _bucket(need, self.cfg.patch_length, 64)
+      self.state = _grow(self.state, self.capacity)
+
+  def _finish(self, row: int, ok: bool, reason: str = ""):
+    piece = self.slots[row]
+    self.slots[row] = None
+    self.state = self.state.replace(active=self.state.active.at[row].set(False))
+    result = Result(piece.index, piece.prompt, piece.prompt + "".join(piece.text), ok, reason,
+                    piece.patches, piece.overflows, time.perf_counter() - piece.start_time)
+    self.finished[piece.index] = result
+    if self.on_result:
+      self.on_result(result)
+
+  def _step(self):
+    sampler = self.sampler
+    self._ensure_capacity(int(np.max(np.asarray(self.state.length))) + sampler.patches_per_call)
+    self.state, outputs = _generate(sampler.graphdef, sampler.params, self.state,
+                                    sampler.settings, sampler.patches_per_call)
+    patches, events, text_from = map(np.asarray, outputs)
+    settings = sampler.settings
+    for row, piece in enumerate(self.slots):
+      if piece is None:
+        continue
+      for n in range(sampler.patches_per_call):
+        event = events[n, row]
+        if event == IDLE:
+          break
+        if event == ENDED:
+          self._finish(row, True)
+          break
+        self._append(piece, sampler.patchilizer.decode([patches[n, row, text_from[n, row]:]]))
+        if piece.chars > settings.max_chars:
+          self._finish(row, False, f"more than {settings.max_chars} characters")
+          break
+        if event == FULL:
+          self._overflow(row, piece)
+          break
+      if self.slots[row] is piece and time.perf_counter() - piece.start_time > settings.max_seconds:
+        self._finish(row, False, f"more than {settings.max_seconds:g} s")
+
+  @staticmethod
+  def _append(piece: Piece, text: str):
+    piece.patches += 1
+    piece.in_body = piece.in_body or text.startswith(BODY_MARKER)
+    piece.text.append(text)
+    (piece.body if piece.in_body else piece.metadata).append(text)
+
+  def _overflow(self, row: int, piece: Piece):
+    piece.overflows += 1
+    text = overflow_context(piece)
+    if text is None:
+      # The original stops here and keeps the piece: its context held no complete body line.
+      self._finish(row, True, "context full of metadata")
+      return
+    ids, prefix, _ = split_prompt(self.sampler.patchilizer, text)
+    if len(ids) >= self.cfg.patch_length:
+      self._finish(row, False, "context still full after keeping half of the body lines")
+      return
+    self._load(row, ids, prefix, True, step=piece.patches)
