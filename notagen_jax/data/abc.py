@@ -7,7 +7,9 @@ that a step cannot handle raises `PieceError` with the reason; callers record an
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fractions
 import io
 import re
 import types
@@ -17,10 +19,12 @@ from typing import Sequence
 from abctoolkit import transpose as _transpose
 from abctoolkit import xml2abc as _xml2abc
 from abctoolkit.check import check_alignment_unrotated
+from abctoolkit.duration import calculate_bartext_duration
 from abctoolkit.rotate import rotate_abc
-from abctoolkit.utils import (Barlines, Quote_re, extract_barline_and_bartext_dict,
-                              extract_global_and_local_metadata, extract_metadata_and_parts,
-                              remove_bar_no_annotations, remove_information_field)
+from abctoolkit.utils import (Barline_regexPattern, Barlines, Quote_re,
+                              extract_barline_and_bartext_dict, extract_global_and_local_metadata,
+                              extract_metadata_and_parts, remove_bar_no_annotations,
+                              remove_information_field)
 from unidecode import unidecode
 
 # The 15 key signatures of the augmentation, in the original's order.
@@ -172,3 +176,135 @@ def rest_reduce(lines: Sequence[str]) -> str:
 def augment(lines: Sequence[str]) -> dict[str, str]:
   """The rest-reduced training text in each of the 15 keys."""
   return {key: rest_reduce(transpose(lines, key)) for key in KEYS}
+
+
+_STREAM_MARKER = re.compile(r"^\[r:[^\]]*\]")
+_VOICE_TAG = re.compile(r"\[V:([^\]]*)\]")
+_LEADING_BARLINE = re.compile(r"^\s*(?:\[[A-Za-z]:[^\]]*\]\s*)*" + Barline_regexPattern)
+
+
+def unreduce(text: str) -> str:
+  """The interleaved piece of a rest-reduced (generated) text: every body line gets every voice.
+
+  As the original's `rest_unreduce` (inference/inference.py): the body starts at the first line
+  containing `[V:`; `[r:i/j]` stream markers are stripped; voices are the header's `V:` lines in
+  numeric order; a voice missing from a line gets a whole-bar rest, `z` for the first voice of each
+  `( ... )` group of `%%score` (and for ungrouped voices), `x` for the others, lasting the most
+  common bar duration among the voices present in that line (the previous line's when none can be
+  measured), closed by the right barline of the last voice present. Where the original leaves
+  gaps this writes what an aligned piece has: a one-unit rest as `z` (xml2abc's spelling, not
+  `z1`), bars of no length left out of the count, the first line's left barline given to the
+  missing voices too, the header's meter over unit length before any bar is measured, and rests
+  in every voice for a line without voices: rest reduction's all-rest bar, an empty line (also
+  before the first voice line) or, in generated text, a bare stream marker. Empty lines at the
+  end are dropped (an all-rest last bar is lost, as in the original, whose encoder drops empty
+  lines).
+  Raises `PieceError` when the text has no body or no declared voices, or when a body line holds
+  text before its first voice, a voice twice, a voice the header does not declare, or needs a rest
+  whose length cannot be known.
+  """
+  lines = text.rstrip("\n").split("\n")
+  start = next((i for i, line in enumerate(lines) if "[V:" in line), None)
+  if start is None:
+    raise PieceError("no tune body (no line contains [V:)")
+  while start and not lines[start - 1].strip():
+    start -= 1  # rest reduction writes an all-rest first bar as an empty line
+  metadata = [line for line in lines[:start] if line]
+  voices, rest_char = _declared_voices(metadata)
+  bar_units = _header_bar_units(metadata)
+  out = [line + "\n" for line in metadata]
+  right = "|"
+  for number, line in enumerate(lines[start:]):
+    bars = _voice_bars(_STREAM_MARKER.sub("", line), number)
+    unknown = [voice for voice in bars if voice not in rest_char]
+    if unknown:
+      raise PieceError(f"body line {number}: voice {unknown[0]} is not declared in the header")
+    durations, left, right = _measure(bars, number == 0, right)
+    if durations:
+      bar_units = collections.Counter(durations).most_common(1)[0][0]
+    body = ""
+    for voice in voices:
+      if voice in bars:
+        body += f"[{voice}]{bars[voice]}"
+        continue
+      if bar_units is None:
+        raise PieceError(f"body line {number}: {voice} needs a rest but no bar length is known")
+      body += f"[{voice}]{left}{rest_char[voice]}{_length(bar_units)}{right}"
+    out.append(body + "\n")
+  return "".join(out)
+
+
+def _measure(bars: dict[str, str], first_line: bool,
+             right: str) -> tuple[list[fractions.Fraction], str, str]:
+  """A line's non-zero bar durations, and its barlines for the voices it lacks.
+
+  The barlines are those of the last voice that has them: the left one on the first line only, the
+  right one or, when no voice has one, the previous line's (`right`).
+  """
+  durations, left = [], ""
+  for bar in bars.values():
+    parts = re.split(Barline_regexPattern, bar)
+    content = bar
+    if len(parts) > 2:
+      right = "".join(parts[-2:])  # the last barline and what follows it (a volta number)
+      content = bar[:-len(right)]
+    leading = _LEADING_BARLINE.match(content) if first_line else None
+    if leading:
+      left, content = leading.group(1), content[leading.end():]
+    duration = _bar_duration(content)
+    if duration:
+      durations.append(duration)
+  return durations, left, right
+
+
+def _declared_voices(metadata: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+  """Header voices in numeric order, and each one's whole-bar rest letter."""
+  grouped = []
+  for line in metadata:
+    if line.startswith("%%score"):
+      grouped += [group.split() for group in re.findall(r"\((.*?)\)", line)]
+  voices = [line.split()[0] for line in metadata if line.startswith("V:")]
+  if not voices:
+    raise PieceError("the header declares no voice (V: line)")
+  if any(not voice[2:].isdigit() for voice in voices):
+    raise PieceError(f"voice ids must be numbers: {voices}")
+  secondary = {"V:" + number for group in grouped for number in group[1:]}
+  rest_char = {voice: "x" if voice in secondary else "z" for voice in voices}
+  return sorted(set(voices), key=lambda voice: int(voice[2:])), rest_char
+
+
+def _voice_bars(line: str, number: int) -> dict[str, str]:
+  parts = _VOICE_TAG.split(line)
+  if parts[0].strip():
+    raise PieceError(f"body line {number}: text before the first voice: {parts[0][:40]!r}")
+  bars = {}
+  for voice, bar in zip(parts[1::2], parts[2::2]):
+    if "V:" + voice in bars:
+      raise PieceError(f"body line {number}: voice V:{voice} appears twice")
+    bars["V:" + voice] = bar
+  return bars
+
+
+def _bar_duration(bar_text: str) -> fractions.Fraction | None:
+  """A bar's length in unit note lengths as abctoolkit counts it (as the original), None if it
+  cannot."""
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints every bar it cannot read
+    try:
+      duration = calculate_bartext_duration(bar_text)
+    except Exception:  # pylint: disable=broad-except  # its parser raises anything on odd text
+      return None
+  return fractions.Fraction(duration) if duration is not None else None
+
+
+def _header_bar_units(metadata: Sequence[str]) -> fractions.Fraction | None:
+  """M: over L: (unit length 1/8 when absent), None for free meter."""
+  fields = {line[0]: line[2:].strip() for line in metadata if re.match(r"^[ML]:", line)}
+  meter = {"C": "4/4", "C|": "2/2"}.get(fields.get("M", ""), fields.get("M", ""))
+  try:
+    return fractions.Fraction(meter) / fractions.Fraction(fields.get("L", "1/8"))
+  except (ValueError, ZeroDivisionError):
+    return None
+
+
+def _length(units: fractions.Fraction) -> str:
+  return "" if units == 1 else str(units)
