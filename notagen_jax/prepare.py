@@ -20,6 +20,7 @@ _INDEX = flags.DEFINE_string("index", None,
 _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of pieces in the eval split.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Try recorded failures again.")
+_MATCH = flags.DEFINE_string("match", "", "Only sources whose path contains this (e.g. bach/bwv).")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).")
 _SHARDS = flags.DEFINE_bool("shards", True, "Build the tokenized TFDS shards at the end.")
 _PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Characters per patch in the shards.")
@@ -33,6 +34,8 @@ def main(argv):
     sources = corpus.music21_sources()
   else:
     sources = corpus.folder_sources(_INPUT.value, _INDEX.value)
+  if _MATCH.value:
+    sources = [source for source in sources if _MATCH.value in source.path]
   options = preparation.PrepareOptions(eval_fraction=_EVAL_FRACTION.value,
                                        workers=_WORKERS.value,
                                        retry_failed=_RETRY_FAILED.value, limit=_LIMIT.value)

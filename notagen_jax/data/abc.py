@@ -13,6 +13,7 @@ import fractions
 import io
 import re
 import types
+import warnings
 import zipfile
 from typing import Sequence
 
@@ -308,3 +309,16 @@ def _header_bar_units(metadata: Sequence[str]) -> fractions.Fraction | None:
 
 def _length(units: fractions.Fraction) -> str:
   return "" if units == 1 else str(units)
+
+
+def to_musicxml(text: str) -> str:
+  """MusicXML of an (interleaved, un-reduced) ABC tune, with abctoolkit's abc2xml."""
+  with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()) as messages:
+    # abc2xml builds its grammar with pyparsing's deprecated names and reports oddities on stderr.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from abctoolkit import abc2xml  # pylint: disable=import-outside-toplevel
+    docs = abc2xml.getXmlDocs(text)
+  if not docs:
+    detail = messages.getvalue().strip().splitlines()
+    raise PieceError("abc2xml could not read the tune" + (f": {detail[-1]}" if detail else ""))
+  return abc2xml.fixDoctype(docs[0])

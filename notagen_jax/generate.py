@@ -1,0 +1,69 @@
+"""`python -m notagen_jax.generate --checkpoint=PATH --output=DIR --period=... --composer=... ...`
+
+Samples pieces from a checkpoint (ours, or a NotaGen `.pth` / `.safetensors`) with the original's
+sampling, many at once with the KV-cached sampler, and writes per piece the raw ABC, the
+un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl. The prompt is period / composer /
+instrumentation (checked against `--known_prompts`, a prepared corpus, when given) or a file to
+continue (`--continue_from=score.xml|.abc`).
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from notagen_jax import checkpoint
+from notagen_jax import generation
+from notagen_jax import sampling
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir, or NotaGen .pth.",
+                                  required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Where pieces are written.", required=True)
+_PERIOD = flags.DEFINE_string("period", None, "e.g. Baroque, Classical, Romantic.")
+_COMPOSER = flags.DEFINE_string("composer", None, "e.g. 'Bach, Johann Sebastian'.")
+_INSTRUMENTATION = flags.DEFINE_string("instrumentation", None, "e.g. Keyboard, Choral.")
+_KNOWN = flags.DEFINE_string("known_prompts", None,
+                             "A prepared corpus whose combinations the prompt must be one of.")
+_CONTINUE = flags.DEFINE_string("continue_from", None, "An ABC / MusicXML file to continue.")
+_BARS = flags.DEFINE_integer("bars", 0, "With --continue_from: keep its first N lines (0: all).")
+_N = flags.DEFINE_integer("num_pieces", 4, "Pieces to generate.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Pieces generated at once.")
+_SEED = flags.DEFINE_integer("seed", 0, "Piece i draws from fold_in(key(seed), i).")
+_TOP_K = flags.DEFINE_integer("top_k", 9, "Top-k (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Top-p.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Temperature on the kept set (0: greedy).")
+_MAX_CHARS = flags.DEFINE_integer("max_chars", 102400, "Characters per piece before it fails.")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Seconds per piece before it fails.")
+_MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: until it ends).")
+_FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+
+def main(argv):
+  del argv
+  settings = sampling.Settings(top_k=_TOP_K.value, top_p=_TOP_P.value,
+                               temperature=_TEMPERATURE.value, max_chars=_MAX_CHARS.value,
+                               max_seconds=_MAX_SECONDS.value, max_patches=_MAX_PATCHES.value)
+  head = ""
+  if _PERIOD.value or _COMPOSER.value or _INSTRUMENTATION.value:
+    known = generation.known_combinations(_KNOWN.value) if _KNOWN.value else None
+    head = generation.prompt_text(_PERIOD.value, _COMPOSER.value, _INSTRUMENTATION.value, known)
+  if _CONTINUE.value:
+    prompt = generation.continuation_prompt(_CONTINUE.value, head=head, bars=_BARS.value)
+  elif head:
+    prompt = head
+  else:
+    raise app.UsageError("give --period/--composer/--instrumentation or --continue_from")
+  model = checkpoint.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
+                                batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value)
+  for item in written:
+    status = "ok" if item.ok else f"FAILED ({item.reason})"
+    errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())
+    print(f"{item.name}: {item.chars} chars, {status}" + (f"  [{errors}]" if errors else ""))
+  print(json.dumps(generation.summary(written)))
+  print(f"pieces: {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,187 @@
+"""Generation as users run it: prompts in, pieces out as ABC, un-reduced ABC, MusicXML and MIDI.
+
+`sampling` draws the characters; this module builds and checks prompts, writes each piece as it
+finishes (a conversion failure is recorded for that piece and the others go on), and keeps a
+`pieces.jsonl` record per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import pathlib
+import time
+from typing import Iterable, Sequence
+
+from notagen_jax import model as model_lib
+from notagen_jax import sampling
+from notagen_jax.data import abc
+from notagen_jax.data import corpus
+from notagen_jax.data import tokenizer
+
+Combination = tuple[str, str, str]
+
+
+def known_combinations(prepared_dir: str | pathlib.Path) -> set[Combination]:
+  """The (period, composer, instrumentation) prompts of a prepared corpus (what it fine-tunes on)."""
+  pieces = pathlib.Path(prepared_dir) / "pieces"
+  if not pieces.is_dir():
+    raise FileNotFoundError(f"{prepared_dir}: not a prepared corpus (no pieces/ folder)")
+  found = set()
+  for path in pieces.glob("*/*.json"):
+    record = json.loads(path.read_text())
+    if record.get("prompt"):
+      found.add(tuple(record[field] for field in corpus.PROMPT_FIELDS))
+  return found
+
+
+def prompt_text(period: str, composer: str, instrumentation: str,
+                known: Iterable[Combination] | None = None) -> str:
+  """The three `%` conditioning lines; with `known`, an unknown combination names close matches."""
+  combination = (period, composer, instrumentation)
+  if not all(combination):
+    raise ValueError("a prompt needs period, composer and instrumentation, got "
+                     f"{combination!r}")
+  if known is not None:
+    known = sorted(known)
+    if combination not in known:
+      spelled = {"|".join(c): c for c in known}
+      close = difflib.get_close_matches("|".join(combination), list(spelled), n=5, cutoff=0.4)
+      hint = "; ".join(" / ".join(spelled[c]) for c in close) or "none close"
+      raise ValueError(f"prompt {' / '.join(combination)!r} is not among the {len(known)} "
+                       f"combinations the model was fine-tuned on; close matches: {hint}")
+  return corpus.prompt_lines(dict(zip(corpus.PROMPT_FIELDS, combination)))
+
+
+def continuation_prompt(path: str | pathlib.Path, head: str = "", bars: int = 0,
+                        extra_lines: int | None = None) -> str:
+  """A prompt continuing an ABC or MusicXML file: its first `bars` lines (0: all) in training form.
+
+  The piece is cleaned, interleaved and rest-reduced as in preparation, with `head` (e.g. the
+  `%` prompt lines) before its header. Its body lines get `[r:i/j]` markers whose j counts down
+  to `extra_lines` more lines (default: as many again), so that the model does not read the
+  prompt's last line as the piece's last.
+  """
+  path = pathlib.Path(path)
+  if path.suffix.lower() in (".xml", ".musicxml", ".mxl"):
+    text = abc.musicxml_to_abc(path.read_bytes(), path.name)
+  else:
+    text = path.read_text(encoding="utf-8")
+  try:
+    lines = tokenizer.text_lines(abc.rest_reduce(abc.clean(text)))
+  except abc.PieceError as error:
+    raise ValueError(f"{path}: cannot be used as a prompt: {error}") from error
+  split = tokenizer.body_index(lines)
+  metadata, body = lines[:split], lines[split:]
+  if bars:
+    body = body[:bars]
+  total = len(body) + (len(body) if extra_lines is None else extra_lines)
+  marked = [tokenizer.stream_marker(i, total) + line for i, line in enumerate(body)]
+  return head + "".join(metadata) + "".join(marked)
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+  """What was written for one piece; `errors` maps a failed output to its reason."""
+  index: int
+  name: str
+  ok: bool
+  reason: str
+  patches: int
+  chars: int
+  seconds: float
+  files: dict[str, str]
+  errors: dict[str, str]
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+
+def readable(text: str) -> str:
+  """The original's output form: un-reduced, `%` prompt lines dropped, `X:1` first."""
+  lines = tokenizer.text_lines(abc.unreduce(text))
+  lines = [line for line in lines if not (line.startswith("%") and not line.startswith("%%"))]
+  return "".join(["X:1\n"] + lines)
+
+
+def write_piece(result: sampling.Result, out_dir: pathlib.Path, name: str,
+                formats: Sequence[str] = ("xml", "mid")) -> Written:
+  """`name.abc` (raw), `name.unreduced.abc`, and `formats` of one piece; failures are recorded."""
+  files = {"abc": out_dir / f"{name}.abc"}
+  files["abc"].write_text(result.text)
+  errors: dict[str, str] = {}
+  musicxml = None
+  try:
+    unreduced = readable(result.text)
+    files["unreduced"] = out_dir / f"{name}.unreduced.abc"
+    files["unreduced"].write_text(unreduced)
+    if "xml" in formats or "mid" in formats:
+      musicxml = abc.to_musicxml(unreduced)
+      files["xml"] = out_dir / f"{name}.xml"
+      files["xml"].write_text(musicxml)
+  except abc.PieceError as error:
+    errors["xml" if "unreduced" in files else "unreduced"] = str(error)
+  if musicxml is not None and "mid" in formats:
+    try:
+      files["mid"] = _write_midi(musicxml, out_dir / f"{name}.mid")
+    except Exception as error:  # music21 raises many kinds on odd scores; the piece is kept
+      errors["mid"] = f"{type(error).__name__}: {error}"
+  if "xml" not in formats:
+    files.pop("xml", None)
+  return Written(result.index, name, result.ok, result.reason, result.patches, len(result.text),
+                 round(result.seconds, 2), {k: str(v) for k, v in files.items()}, errors)
+
+
+def _write_midi(musicxml: str, path: pathlib.Path) -> pathlib.Path:
+  import music21  # pylint: disable=import-outside-toplevel
+  score = music21.converter.parse(musicxml, format="musicxml")
+  score.write("midi", fp=str(path))
+  return path
+
+
+def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pathlib.Path, *,
+             settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
+             formats: Sequence[str] = ("xml", "mid"), progress: bool = True) -> list[Written]:
+  """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  written: list[Written] = []
+  start = time.perf_counter()
+  record = (out / "pieces.jsonl").open("w")
+  bar = _progress(len(prompts)) if progress else None
+
+  def on_result(result: sampling.Result):
+    item = write_piece(result, out, f"piece_{result.index:05d}", formats)
+    written.append(item)
+    record.write(item.to_json() + "\n")
+    record.flush()
+    if bar is not None:
+      chars = sum(w.chars for w in written)
+      bar.set_postfix(chars_per_s=f"{chars / (time.perf_counter() - start):.0f}")
+      bar.update(1)
+
+  try:
+    sampling.Sampler(model, settings, batch=batch).run(prompts, seed=seed, on_result=on_result)
+  finally:
+    record.close()
+    if bar is not None:
+      bar.close()
+  return sorted(written, key=lambda w: w.index)
+
+
+def _progress(total: int):
+  import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.tqdm(total=total, desc="pieces", unit="piece")
+
+
+def summary(written: Sequence[Written]) -> dict[str, float | int]:
+  """Counts for a run: pieces, complete ones, share converted to MusicXML / MIDI, chars."""
+  n = max(len(written), 1)
+  return {
+      "pieces": len(written),
+      "complete": sum(w.ok for w in written),
+      "musicxml_share": round(sum("xml" in w.files for w in written) / n, 3),
+      "midi_share": round(sum("mid" in w.files for w in written) / n, 3),
+      "chars": sum(w.chars for w in written),
+  }

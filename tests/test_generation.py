@@ -1,0 +1,89 @@
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from notagen_jax import checkpoint
+from notagen_jax import generation
+from notagen_jax import sampling
+from notagen_jax.data import abc
+from notagen_jax.data import corpus
+from notagen_jax.data import tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cases(golden_dir):
+  return json.loads((golden_dir / "cases.json").read_text())["cases"]
+
+
+def _result(text, index=0):
+  return sampling.Result(index, "", text, True, "", 10, 0, 1.0)
+
+
+def test_a_real_piece_is_written_in_every_format(cases, tmp_path):
+  written = generation.write_piece(_result(cases[0]["stream_text"]), tmp_path, "bwv")
+  assert written.errors == {}
+  assert set(written.files) == {"abc", "unreduced", "xml", "mid"}
+  unreduced = (tmp_path / "bwv.unreduced.abc").read_text()
+  assert unreduced.startswith("X:1\n") and "[r:" not in unreduced
+  assert unreduced[len("X:1\n"):] == abc.unreduce(cases[0]["stream_text"])
+  assert (tmp_path / "bwv.xml").read_text().startswith("<?xml")
+  assert (tmp_path / "bwv.mid").read_bytes()[:4] == b"MThd"
+
+
+def test_a_broken_piece_keeps_its_abc_and_names_the_failure(tmp_path):
+  written = generation.write_piece(_result("%Baroque\nnot music at all\n"), tmp_path, "bad")
+  assert (tmp_path / "bad.abc").exists()
+  assert "unreduced" in written.errors and "xml" not in written.files
+
+
+def test_prompts_are_checked_against_known_combinations():
+  known = {("Baroque", "Bach, Johann Sebastian", "Choral"), ("Classical", "Mozart", "Keyboard")}
+  assert generation.prompt_text("Baroque", "Bach, Johann Sebastian", "Choral", known) == (
+      "%Baroque\n%Bach, Johann Sebastian\n%Choral\n")
+  with pytest.raises(ValueError, match="close matches: Baroque / Bach, Johann Sebastian / Choral"):
+    generation.prompt_text("Baroque", "Bach, J. S.", "Choral", known)
+  with pytest.raises(ValueError, match="needs period, composer and instrumentation"):
+    generation.prompt_text("Baroque", "", "Choral")
+
+
+def test_continuation_prompt_from_musicxml_is_the_training_form(tmp_path):
+  source = next(s for s in corpus.music21_sources() if s.path.endswith("bwv1.6.mxl"))
+  path = corpus.music21_corpus_root() / source.path
+  prompt = generation.continuation_prompt(path, head="%Baroque\n", bars=3, extra_lines=5)
+  lines = tokenizer.text_lines(prompt)
+  body = [line for line in lines if line.startswith("[r:")]
+  assert lines[0] == "%Baroque\n"
+  assert [line[:7] for line in body] == ["[r:0/7]", "[r:1/6]", "[r:2/5]"]
+  ids, prefix, in_body = sampling.split_prompt(tokenizer.Patchilizer(), prompt)
+  # As the original's encode_generate: the last bar's patch stays open for the model to go on.
+  assert in_body and len(ids) > 3 and 0 < len(prefix) < 16 and prefix[-1] == ord("\n")
+
+
+def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
+  model = checkpoint.load_model(golden_dir / "tiny.pth")
+  settings = sampling.Settings(max_patches=6)
+  written = generation.generate(model, ["%Baroque\n%Bach, Johann Sebastian\n%Choral\n"] * 3,
+                                tmp_path, settings=settings, batch=2, progress=False)
+  assert [w.index for w in written] == [0, 1, 2]
+  records = [json.loads(line) for line in (tmp_path / "pieces.jsonl").read_text().splitlines()]
+  assert sorted(r["index"] for r in records) == [0, 1, 2]
+  for w in written:
+    assert pathlib.Path(w.files["abc"]).read_text().startswith("%Baroque\n")
+    assert w.patches == 6
+  summary = generation.summary(written)
+  assert summary["pieces"] == 3 and 0.0 <= summary["musicxml_share"] <= 1.0
+
+
+def test_generate_entry_point(golden_dir, tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
+       f"--output={tmp_path}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
+       "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4",
+       "--formats="], cwd=REPO, capture_output=True, text=True, check=True)
+  assert '"pieces": 2' in out.stdout
+  assert sorted(p.name for p in tmp_path.glob("*.abc")) == ["piece_00000.abc", "piece_00001.abc"]
