@@ -291,7 +291,7 @@ def make_train_step(setup: Setup) -> Callable:
                  packed_len: int | None = None) -> tuple[TrainState, dict]:
     (loss, aux), grads = grad_fn(state.params, reference, batch, state.rng, state.step,
                                  packed_len)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)

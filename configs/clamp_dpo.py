@@ -1,0 +1,58 @@
+"""The CLaMP-DPO loop: `--config=configs/clamp_dpo.py:SIZE` (SIZE as the policy; or `quickstart`).
+
+The original's recipe: 1000 pieces per iteration (top-k 9, top-p 0.9, temperature 1.2), scored
+with CLaMP 2 against the ground-truth pieces of the prompt, best 10% that pass the filters chosen,
+worst 10% rejected, every chosen x rejected pair, DPO-Positive (configs/dpo.py) from the current
+policy. `quickstart` is the embedded default: a tiny policy, the weight-free symbolic scorer, few
+pieces and a short DPO with a larger learning rate, finishing in minutes on a CPU.
+"""
+
+import ml_collections
+
+from configs import dpo
+
+
+def get_config(arg: str = "small"):
+  quick = arg == "quickstart"
+  size = "tiny" if quick else arg
+  c = ml_collections.ConfigDict()
+  c.workdir = ""
+  c.init_checkpoint = ""  # the first policy: ours or an original NotaGen .pth
+  c.iterations = 2
+  c.prompt = ("Baroque", "Bach, Johann Sebastian", "Choral")  # period, composer, instrumentation
+
+  c.ground_truth = ml_collections.ConfigDict()
+  c.ground_truth.prepared_dir = ""  # a `prepare` output
+  c.ground_truth.match_prompt = True  # only its pieces with the same prompt
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_pieces = 48 if quick else 1000
+  c.sample.batch = 16 if quick else 32
+  c.sample.top_k = 9
+  c.sample.top_p = 0.9
+  c.sample.temperature = 1.2
+  c.sample.max_chars = 6000 if quick else 102400
+  c.sample.max_seconds = 600.0
+  c.sample.max_patches = 0
+  c.sample.seed = 0
+
+  c.scorer = ml_collections.ConfigDict()
+  c.scorer.kind = "symbolic" if quick else "clamp2"
+  c.scorer.checkpoint = ""  # CLaMP 2 weights (.pth with music_model.* / music_proj.*)
+  c.scorer.workers = 2 if quick else 8  # symbolic: parsing processes
+  # The plagiarism filter's bound; the symbolic features of two real chorales can be 0.96 alike,
+  # so with them only near-copies (>= 0.995) count.
+  c.scorer.max_similarity = 0.995 if quick else 0.95
+
+  c.select = ml_collections.ConfigDict()
+  c.select.fraction = 0.25 if quick else 0.1
+
+  c.train = dpo.get_config(size)
+  if quick:
+    c.train.optimizer.learning_rate = 2e-5
+    c.train.train.num_steps = 60
+    c.train.train.log_every = 10
+    c.train.train.eval_every = 1000
+    c.train.train.checkpoint_every = 1000
+    c.train.data.num_threads = 0
+  return c

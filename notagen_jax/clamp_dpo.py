@@ -1,0 +1,31 @@
+"""`python -m notagen_jax.clamp_dpo --config=configs/clamp_dpo.py[:SIZE] --workdir=DIR`.
+
+K iterations of sample -> score -> select -> DPO train (see notagen_jax/dpo_loop.py), resumable,
+with a summary table per iteration in DIR/summary.txt and DIR/score.png.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from notagen_jax import dpo_loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/clamp_dpo.py[:SIZE]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every iteration is written.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _WORKDIR.value:
+    with config.unlocked():
+      config.workdir = _WORKDIR.value
+  rows = dpo_loop.run(config)
+  print(f"summary: {config.workdir}/summary.txt  plot: {config.workdir}/score.png")
+  del rows
+
+
+if __name__ == "__main__":
+  app.run(main)
