@@ -9,7 +9,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["local.sh", "tpu_vm.sh", "gpu_slurm.sh", "gpu_slurm.sbatch"]
+SCRIPTS = ["local.sh", "tpu_vm.sh", "gpu_slurm.sh", "gpu_slurm.sbatch", "quickstart.sh"]
 
 
 def _env(**extra):
@@ -192,3 +192,14 @@ def test_local_failure_is_nonzero(tmp_path):
   result = _run("local.sh", f"--workdir={tmp_path}", "--num_processes=2", "--port=1", "--python=false",
                 check=False)
   assert result.returncode != 0 and "failed" in result.stderr
+
+
+def test_quickstart_dry_run_chains_the_entry_points(tmp_path):
+  lines = [line[3:] for line in _lines("quickstart.sh", str(tmp_path)) if line.startswith("== ")]
+  modules = [shlex.split(line)[2] for line in lines]
+  assert modules == ["notagen_jax.prepare", "notagen_jax.train", "notagen_jax.train",
+                     "notagen_jax.clamp_dpo", "notagen_jax.generate", "notagen_jax.port"]
+  final = f"{tmp_path}/dpo/iteration_1/train/final_params"
+  assert f"--config.init_checkpoint={tmp_path}/pretrain/final_params" in lines[2]
+  assert f"--checkpoint={final}" in lines[4]
+  assert shlex.split(lines[5])[-2:] == [final, f"{tmp_path}/notagen_tiny.pth"]
