@@ -109,8 +109,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first wrong field."""
   _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
   _check(bool(c.workdir), "workdir", "is empty (set --workdir or config.workdir)")
-  _check(c.model.size in model_lib.SIZES, "model.size",
-         f"{c.model.size!r} is not one of {tuple(model_lib.SIZES)}")
+  try:
+    model_lib.shape_of(c.model.size)
+  except ValueError as error:
+    _check(False, "model.size", str(error))
   _check(c.model.patch_length > 1, "model.patch_length", f"{c.model.patch_length} must be > 1")
   _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"{c.model.dtype!r}")
   _check(0 <= c.model.dropout < 1, "model.dropout", f"{c.model.dropout} not in [0, 1)")

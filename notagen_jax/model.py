@@ -76,6 +76,21 @@ class ModelConfig:
     return cls(**json.loads(text))
 
 
+def shape_of(size: str) -> tuple[int, int, int]:
+  """(patch_layers, char_layers, hidden) of a preset name or a 'PxCxH' string (e.g. '2x1x128')."""
+  if size in SIZES:
+    return SIZES[size][1:]
+  parts = str(size).split("x")
+  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"model size {size!r} is neither one of {tuple(SIZES)} nor 'PxCxH' "
+                     "(patch layers x char layers x hidden, e.g. '2x1x128')")
+  patch_layers, char_layers, hidden = map(int, parts)
+  if hidden % HEAD_DIM:
+    raise ValueError(f"model size {size!r}: hidden {hidden} is not a multiple of the head size "
+                     f"{HEAD_DIM}")
+  return patch_layers, char_layers, hidden
+
+
 def config_for(size: str | tuple[int, int, int, int], **overrides: Any) -> ModelConfig:
   """A config from a preset name or a (patch_length, patch_layers, char_layers, hidden) tuple."""
   patch_length, patch_layers, char_layers, hidden = SIZES[size] if isinstance(size, str) else size
@@ -144,13 +159,17 @@ def _local_keys(x: jax.Array, block: int, fill: int = 0) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """One attention layer's keys and values for inference, [B, S, N, D]."""
+  """One attention layer's keys and values for inference, [B, N, S, D].
+
+  Heads before positions: attention then reads each head's keys and values in place, where the
+  [B, S, N, D] order of the activations made XLA transpose the whole cache at every step.
+  """
   k: jax.Array
   v: jax.Array
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    shape = (batch, length, cfg.heads, HEAD_DIM)
+    shape = (batch, cfg.heads, length, HEAD_DIM)
     return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
@@ -210,14 +229,47 @@ class Block(nnx.Module):
     """Inference on x [B, T, H] at positions start[b] + t, reading and extending the cache.
 
     Keys beyond a query's position are masked, so cache slots past a row's end may hold anything.
+    Written for generation, where each step reads every weight for a token or a few, so that XLA
+    reads them in place: one product with the whole fused q/k/v weight for a single token (slicing
+    it, as `_project` does, copies each slice at every step; a prompt, T > 1, takes `_project`,
+    whose numbers match the full forward's), 2-D products for the rest, and an element-wise
+    scatter into the cache, which stays in place where a row-wise update copies the whole cache.
+    Weights may be stored in bfloat16 (see `inference_matmul`).
     """
-    q, k, v = self._project(x)
-    write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0)))
-    cache = KVCache(write(cache.k, k, start), write(cache.v, v, start))
-    query_pos = start[:, None] + jnp.arange(x.shape[1])
-    mask = (jnp.arange(cache.k.shape[1]) <= query_pos[..., None])[:, None]
-    y = jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask)
-    return self._finish(x, y, True, None), cache
+    b, t, h = x.shape
+    n = self.cfg.heads
+    if t == 1:
+      qkv = inference_matmul(self.ln_1(x)[:, 0], self.qkv[...].reshape(h, 3 * h))
+      qkv = qkv + self.qkv_bias[...].reshape(-1)
+      q, k, v = jnp.unstack(qkv.reshape(b, 3, n, 1, HEAD_DIM), axis=1)  # [B, N, T, D]
+    else:
+      q, k, v = (a.transpose(0, 2, 1, 3) for a in self._project(x))
+    index = (jnp.arange(b)[:, None, None, None], jnp.arange(n)[:, None, None],
+             (start[:, None] + jnp.arange(t))[:, None, :, None], jnp.arange(HEAD_DIM))
+    write = lambda c, u: c.at[index].set(u.astype(c.dtype), mode="promise_in_bounds",
+                                         unique_indices=True)
+    cache = KVCache(write(cache.k, k), write(cache.v, v))
+    # `jax.nn.dot_product_attention`'s computation, on the cache's [B, N, S, D] layout.
+    logits = jnp.einsum("bntd,bnsd->bnts", q, cache.k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(HEAD_DIM)
+    mask = jnp.arange(cache.k.shape[2]) <= (start[:, None] + jnp.arange(t))[:, None, :, None]
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    y = jnp.einsum("bnts,bnsd->btnd", probs, cache.v.astype(x.dtype))
+    y = inference_matmul(y.reshape(b, t, h), self.attn_out[...].reshape(h, h))
+    x = x + (y + self.attn_out_bias[...]).astype(x.dtype)
+    y = inference_matmul(self.ln_2(x), self.fc[...]) + self.fc_bias[...]
+    y = inference_matmul(jax.nn.gelu(y, approximate=True), self.proj[...]) + self.proj_bias[...]
+    return x + y.astype(x.dtype), cache
+
+
+def inference_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w in x's dtype, w read as stored and accumulated in float32.
+
+  Generation reads every weight for each token, so bfloat16 weights halve the bytes read; XLA's CPU
+  dot is fast on bfloat16 operands only with a float32 result (and slow at one row).
+  """
+  return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _run_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array, cfg: ModelConfig,

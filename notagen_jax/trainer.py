@@ -68,7 +68,7 @@ FINAL_PARAMS = "final_params"
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  _, patch_layers, char_layers, hidden = model_lib.SIZES[c.model.size]
+  patch_layers, char_layers, hidden = model_lib.shape_of(c.model.size)
   return model_lib.config_for(
       (c.model.patch_length, patch_layers, char_layers, hidden), dtype=c.model.dtype,
       remat=c.model.remat, dropout=c.model.dropout, patch_sampling=c.model.patch_sampling,
