@@ -30,7 +30,7 @@ def get_config(arg: str = "small"):
   c.sample.batch = 16 if quick else 32
   c.sample.top_k = 9
   c.sample.top_p = 0.9
-  c.sample.temperature = 1.2
+  c.sample.temperature = 1.0 if quick else 1.2
   c.sample.max_chars = 6000 if quick else 102400
   c.sample.max_seconds = 600.0
   c.sample.max_patches = 0
@@ -46,6 +46,12 @@ def get_config(arg: str = "small"):
 
   c.select = ml_collections.ConfigDict()
   c.select.fraction = 0.25 if quick else 0.1
+  # Score pieces that cannot be un-reduced as generated, so they can be rejected (never chosen);
+  # the original's sampler retries them away instead, which a barely trained model cannot afford.
+  c.select.score_malformed = quick
+  # The original's chosen-set filters. A few minutes of training do not teach a tiny model to
+  # align the bars of four voices, so the quickstart asks only that a chosen piece un-reduces.
+  c.select.filters = ("grouped", "original") if quick else ("aligned", "grouped", "original")
 
   c.train = dpo.get_config(size)
   if quick:

@@ -7,8 +7,8 @@ chorale-like ABC in a few minutes. The CLaMP-DPO stage is `configs/clamp_dpo.py:
 
 from notagen_jax import config as config_lib
 
-STEPS = {"pretrain": 300, "finetune": 100}
-LEARNING_RATE = {"pretrain": 2e-3, "finetune": 5e-4}
+STEPS = {"pretrain": 300, "finetune": 500}
+LEARNING_RATE = {"pretrain": 2e-3, "finetune": 1e-3}
 
 
 def get_config(stage: str = "pretrain"):

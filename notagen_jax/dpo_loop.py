@@ -52,6 +52,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.scorer.kind != "clamp2" or bool(c.scorer.checkpoint), "scorer.checkpoint",
         "CLaMP 2 needs its weights")
   check(0.0 < c.select.fraction <= 0.5, "select.fraction", f"{c.select.fraction} not in (0, 0.5]")
+  check(set(c.select.filters) <= set(preferences.FILTERS), "select.filters",
+        f"{tuple(c.select.filters)} must be among {preferences.FILTERS}")
   check(c.sample.num_pieces >= 2, "sample.num_pieces", "at least 2 pieces")
   check(all(c.prompt), "prompt", f"{tuple(c.prompt)} needs period, composer, instrumentation")
   sampling.Settings(**_settings_fields(c))  # its own checks
@@ -116,7 +118,9 @@ def score(c: ml_collections.ConfigDict, texts: list[str], embedder: Embedder,
   path = out / "scores.json"
   if not path.exists():
     selection = preferences.choose(texts, embedder, ground_truth, fraction=c.select.fraction,
-                                   max_similarity=c.scorer.max_similarity)
+                                   max_similarity=c.scorer.max_similarity,
+                                   score_malformed=c.select.score_malformed,
+                                   filters=tuple(c.select.filters))
     preferences.write_preferences(out / "preferences.json", texts, selection)
     path.write_text(json.dumps({
         "counts": {k: _plain(v) for k, v in vars(selection.counts).items()},

@@ -107,6 +107,25 @@ def test_choose_scores_filters_and_counts():
       chosen=2, rejected=2, mean_score=pytest.approx(np.nanmean(expected), rel=1e-6))
 
 
+def test_chosen_filters_can_be_narrowed_but_a_chosen_piece_always_un_reduces():
+  selection = preferences.choose(PIECES, FeatureLineEmbedder(), GROUND_TRUTH, fraction=0.2,
+                                 filters=("grouped", "original"))
+  assert selection.chosen == [0, 1]  # piece 1's short bar no longer bars it
+  assert selection.counts.misaligned == 1  # counted all the same
+  with pytest.raises(ValueError, match="unknown filters"):
+    preferences.choose(PIECES, FeatureLineEmbedder(), GROUND_TRUTH, filters=("pretty",))
+
+
+def test_malformed_pieces_can_be_scored_to_be_rejected():
+  # Piece 5 cannot be un-reduced; scored as generated, its score (0.5, 0.5, 0 direction) is the
+  # best of all, yet it is never chosen.
+  selection = preferences.choose(PIECES, FeatureLineEmbedder(), GROUND_TRUTH, fraction=0.2,
+                                 score_malformed=True)
+  assert np.isfinite(selection.scores[5]) and selection.scores[5] == np.nanmax(selection.scores)
+  assert 5 not in selection.chosen and selection.chosen == [0, 4]
+  assert selection.counts.scored == 11 and selection.interleaved[5] is None
+
+
 def test_choose_counts_a_piece_the_embedder_cannot_read():
   pieces = PIECES[:4] + [PIECES[4].replace("%f", "%g")]
   counts = preferences.choose(pieces, FeatureLineEmbedder(), GROUND_TRUTH).counts

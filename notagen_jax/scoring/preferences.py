@@ -34,6 +34,9 @@ from notagen_jax.scoring import Embedder
 
 FRACTION = 0.1
 MAX_SIMILARITY = 0.95
+# The original's chosen-set filters: voices' bars aligned, staves of one instrument grouped, and
+# no piece too close to a ground-truth piece.
+FILTERS = ("aligned", "grouped", "original")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,28 +131,51 @@ def _dim(ground_truth: np.ndarray) -> int:
   return ground_truth.shape[1]
 
 
+def _without_markers(text: str) -> str:
+  return re.sub(r"^\[r:[^\]]*\]", "", text, flags=re.MULTILINE)
+
+
 def choose(texts: Sequence[str], embedder: Embedder, ground_truth: np.ndarray, *,
-           fraction: float = FRACTION, max_similarity: float = MAX_SIMILARITY) -> Selection:
-  """Un-reduces and embeds the generated `texts`, scores, filters and selects them."""
+           fraction: float = FRACTION, max_similarity: float = MAX_SIMILARITY,
+           score_malformed: bool = False, filters: Sequence[str] = FILTERS) -> Selection:
+  """Un-reduces and embeds the generated `texts`, scores, filters and selects them.
+
+  With `score_malformed`, a piece that cannot be un-reduced is embedded as generated (markers
+  removed) instead of being left out: it can then be rejected, never chosen. The original never
+  meets such pieces (its sampler retries until un-reduction succeeds); a weak model makes many,
+  and they are the clearest negatives it has. `filters` names the chosen-set filters applied
+  (a subset of FILTERS); a chosen piece must always un-reduce. Each filter is counted either way.
+  """
+  unknown = set(filters) - set(FILTERS)
+  if unknown:
+    raise ValueError(f"unknown filters {sorted(unknown)}; known: {FILTERS}")
   ground_truth = np.asarray(ground_truth, np.float32)
   interleaved: dict[int, str] = {}
+  to_embed: dict[int, str] = {}
   for i, text in enumerate(texts):
     try:
-      interleaved[i] = abc.unreduce(text)
+      interleaved[i] = to_embed[i] = abc.unreduce(text)
     except abc.PieceError as error:
       logging.info("piece %d not un-reduced: %s", i, error)
+      if score_malformed:
+        to_embed[i] = _without_markers(text)
   features = np.full((len(texts), _dim(ground_truth)), np.nan, np.float32)
-  if interleaved:
-    features[list(interleaved)] = embedder.embed(list(interleaved.values()))
+  if to_embed:
+    features[list(to_embed)] = embedder.embed(list(to_embed.values()))
   scores = cosine(features, mean_feature(ground_truth)).astype(np.float32)
   scored = np.isfinite(scores)
   nearest = np.full(len(texts), np.nan)
   if scored.any():
     nearest[scored] = cosine(features[scored], finite_rows(ground_truth)).max(axis=1)
-  aligned = np.array([scored[i] and bars_aligned(interleaved[i]) for i in range(len(texts))], bool)
+  aligned = np.array([scored[i] and i in interleaved and bars_aligned(interleaved[i])
+                      for i in range(len(texts))], bool)
   grouped = np.array([instruments_grouped(text) for text in texts], bool)
   original = nearest <= max_similarity
-  chosen, rejected = select(scores, aligned & grouped & original, fraction)
+  passes = np.array([i in interleaved for i in range(len(texts))], bool)
+  for name, ok in (("aligned", aligned), ("grouped", grouped), ("original", original)):
+    if name in filters:
+      passes &= ok
+  chosen, rejected = select(scores, passes, fraction)
   counts = Counts(
       generated=len(texts), scored=int(scored.sum()), failed=int((~scored).sum()),
       misaligned=int((scored & ~aligned).sum()), instruments_apart=int((scored & ~grouped).sum()),
