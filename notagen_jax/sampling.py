@@ -34,6 +34,8 @@ BODY_MARKER = "[r:"
 FIRST_BODY_PREFIX = "[r:0/"
 # Row events returned per generated patch.
 IDLE, APPENDED, ENDED, FULL = 0, 1, 2, 3
+# Context patches prefilled in one call at most (rows x length bucket).
+PREFILL_PATCHES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Settings:
   temperature: float = 1.2
   max_chars: int = 102400
   max_seconds: float = 600.0
+  # Patches drawn per piece before it is stopped (0: no limit); stopped pieces count as complete.
+  max_patches: int = 0
   # The original drops the prompt lines when the context overflows (only generated metadata is
   # kept); keeping them keeps the conditioning. False reproduces the original exactly.
   keep_prompt_on_overflow: bool = True
@@ -94,7 +98,7 @@ def draw(keys: jax.Array, probs: jax.Array, settings: Settings) -> jax.Array:
 @flax.struct.dataclass
 class DecodeState:
   """The device-side state of every row of a batch."""
-  cache: list[model_lib.KVCache]  # patch-level keys / values, [B, capacity, N, D] per layer
+  cache: list[model_lib.KVCache]  # patch-level keys / values, [B, N, capacity, D] per layer
   hidden: jax.Array  # [B, H] patch-level output at the last context patch
   length: jax.Array  # [B] patches in the context
   prefix: jax.Array  # [B, P] chars of the next patch already given (an open last bar)
@@ -196,29 +200,47 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, set
   return jax.lax.scan(lambda s, _: _next_patch(model, s, settings), state, None, n_patches)
 
 
+@flax.struct.dataclass
+class Load:
+  """Contexts to load into rows of a DecodeState, K at once (padding entries past `count`)."""
+  row: jax.Array  # [K]
+  patches: jax.Array  # [K, T, P], the first n_patches real
+  n_patches: jax.Array  # [K]
+  prefix: jax.Array  # [K, P]
+  prefix_len: jax.Array  # [K]
+  in_body: jax.Array  # [K]
+  key: jax.Array  # [K]
+  step: jax.Array  # [K]
+  count: jax.Array  # [] real entries
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, row: jax.Array,
-             patches: jax.Array, n_patches: jax.Array, prefix: jax.Array, prefix_len: jax.Array,
-             in_body: jax.Array, key: jax.Array, step: jax.Array) -> DecodeState:
-  """Loads one piece's context (patches [1, T, P], the first n_patches real) into `row`."""
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+             load: Load) -> DecodeState:
+  """Runs the patch decoder over the contexts of `load` together and puts them in their rows."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
-  t = patches.shape[1]
-  row_cache = [model_lib.KVCache.empty(cfg, 1, t) for _ in range(cfg.patch_layers)]
-  hidden, row_cache = model.patch.decode(patches, row_cache, jnp.zeros((1,), jnp.int32))
-  put = lambda full, part: jax.lax.dynamic_update_slice(full, part.astype(full.dtype),
-                                                        (row, 0, 0, 0))
-  cache = [model_lib.KVCache(put(c.k, r.k), put(c.v, r.v)) for c, r in zip(state.cache, row_cache)]
-  return state.replace(
-      cache=cache,
-      hidden=state.hidden.at[row].set(hidden[0, n_patches - 1]),
-      length=state.length.at[row].set(n_patches),
-      prefix=state.prefix.at[row].set(prefix),
-      prefix_len=state.prefix_len.at[row].set(prefix_len),
-      in_body=state.in_body.at[row].set(in_body),
-      active=state.active.at[row].set(True),
-      keys=state.keys.at[row].set(key),
-      step=state.step.at[row].set(step))
+  k, t = load.patches.shape[:2]
+  caches = [model_lib.KVCache.empty(cfg, k, t) for _ in range(cfg.patch_layers)]
+  hidden, caches = model.patch.decode(load.patches, caches, jnp.zeros((k,), jnp.int32))
+  last = hidden[jnp.arange(k), load.n_patches - 1]
+
+  def put(i, state):
+    # One row at a time: a dynamic_update_slice of a donated buffer is done in place.
+    row = load.row[i]
+    put = lambda full, part: jax.lax.dynamic_update_slice(full, part[i][None].astype(full.dtype),
+                                                          (row, 0, 0, 0))
+    set_row = lambda full, part: full.at[row].set(part[i])
+    return state.replace(
+        cache=[model_lib.KVCache(put(c.k, r.k), put(c.v, r.v))
+               for c, r in zip(state.cache, caches)],
+        hidden=set_row(state.hidden, last), length=set_row(state.length, load.n_patches),
+        prefix=set_row(state.prefix, load.prefix),
+        prefix_len=set_row(state.prefix_len, load.prefix_len),
+        in_body=set_row(state.in_body, load.in_body), active=state.active.at[row].set(True),
+        keys=set_row(state.keys, load.key), step=set_row(state.step, load.step))
+
+  return jax.lax.fori_loop(0, load.count, put, state)
 
 
 @dataclasses.dataclass
@@ -301,7 +323,7 @@ def _bucket(n: int, cap: int, minimum: int = 8) -> int:
 
 
 def _grow(state: DecodeState, capacity: int) -> DecodeState:
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, capacity - a.shape[1]), (0, 0), (0, 0)])
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, capacity - a.shape[2]), (0, 0)])
   return state.replace(cache=[model_lib.KVCache(pad(c.k), pad(c.v)) for c in state.cache])
 
 
@@ -310,15 +332,23 @@ class Sampler:
 
   Each compiled call draws `patches_per_call` patches for every row; between calls the host reads
   the new patches, finishes pieces, refills free rows and re-encodes full contexts.
+
+  `dtype` is the dtype the weight matrices are read in, cast once here (None: as stored). Every
+  character reads all of the char decoder's weights, so "bfloat16" halves the bytes moved;
+  activations and sums stay in the model's dtype. On CPU it pays from a few rows up: XLA's
+  bfloat16 dot is much slower than float32 at one row, and faster (~1.4x at 32) from two.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
-               patches_per_call: int = 8):
+               patches_per_call: int = 8, dtype: str | None = None):
     self.cfg = model.cfg
     self.settings = settings
     self.batch = batch
     self.patches_per_call = patches_per_call
     self.graphdef, self.params = nnx.split(model)
+    if dtype is not None:
+      # Vectors (biases, LayerNorm) are a negligible share of the bytes and stay as they are.
+      self.params = jax.tree.map(lambda p: p.astype(dtype) if p.ndim > 1 else p, self.params)
     self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
                                              patch_length=self.cfg.patch_length)
 
@@ -348,6 +378,8 @@ class _Run:
     self.capacity = _bucket(longest + sampler.patches_per_call, self.cfg.patch_length, 64)
     self.state = empty_state(self.cfg, sampler.batch, self.capacity)
     self.slots: list[Piece | None] = [None] * sampler.batch
+    # (row, context patches, open patch, body started, patches drawn) to prefill before the next call
+    self.loads: list[tuple[int, np.ndarray, np.ndarray, bool, int]] = []
     finished: dict[int, Result] = {}
     self.finished = finished
     waiting = collections.deque(range(len(self.prompts)))
@@ -374,16 +406,43 @@ class _Run:
     return piece
 
   def _load(self, row: int, ids: np.ndarray, prefix: np.ndarray, in_body: bool, step: int):
+    self.loads.append((row, ids, prefix, in_body, step))
+
+  def _prefill_loads(self):
+    """Prefills the queued contexts: those of one length bucket together, PREFILL_PATCHES at most.
+
+    Together, the patch decoder's weights are read once for all of them (a batch starts with
+    every row to fill); the bound keeps the attention of long contexts in memory.
+    """
+    loads, self.loads = self.loads, []
+    if not loads:
+      return
+    self._ensure_capacity(max(len(ids) for _, ids, *_ in loads) + self.sampler.patches_per_call)
+    by_length = collections.defaultdict(list)
+    for load in loads:
+      by_length[_bucket(len(load[1]), self.capacity)].append(load)
+    for length, group in sorted(by_length.items()):
+      per_call = max(1, PREFILL_PATCHES // length)
+      for i in range(0, len(group), per_call):
+        self._prefill(group[i:i + per_call], length)
+
+  def _prefill(self, loads: list[tuple[int, np.ndarray, np.ndarray, bool, int]], length: int):
     p = self.cfg.patch_size
-    self._ensure_capacity(len(ids) + self.sampler.patches_per_call)
-    padded = np.zeros((1, _bucket(len(ids), self.capacity), p), np.int32)
-    padded[0, :len(ids)] = ids
-    full_prefix = np.zeros((p,), np.int32)
-    full_prefix[:len(prefix)] = prefix
-    key = jax.random.fold_in(self.base_key, self.slots[row].index)
-    self.state = _prefill(self.sampler.graphdef, self.sampler.params, self.state, jnp.int32(row),
-                          jnp.asarray(padded), jnp.int32(len(ids)), jnp.asarray(full_prefix),
-                          jnp.int32(len(prefix)), jnp.bool_(in_body), key, jnp.int32(step))
+    k = _bucket(len(loads), self.sampler.batch, 1)  # few compiled shapes; the rest is padding
+    rows, n_patches, prefix_len, step, pieces = (np.zeros((k,), np.int32) for _ in range(5))
+    patches = np.zeros((k, length, p), np.int32)
+    prefix = np.zeros((k, p), np.int32)
+    in_body = np.zeros((k,), bool)
+    for j, (row, ids, open_patch, body, drawn) in enumerate(loads):
+      rows[j], n_patches[j], prefix_len[j], step[j] = row, len(ids), len(open_patch), drawn
+      patches[j, :len(ids)], prefix[j, :len(open_patch)], in_body[j] = ids, open_patch, body
+      pieces[j] = self.slots[row].index
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(self.base_key, jnp.asarray(pieces))
+    load = Load(row=jnp.asarray(rows), patches=jnp.asarray(patches),
+                n_patches=jnp.asarray(np.maximum(n_patches, 1)), prefix=jnp.asarray(prefix),
+                prefix_len=jnp.asarray(prefix_len), in_body=jnp.asarray(in_body), key=keys,
+                step=jnp.asarray(step), count=jnp.int32(len(loads)))
+    self.state = _prefill(self.sampler.graphdef, self.sampler.params, self.state, load)
 
   def _ensure_capacity(self, need: int):
     if need > self.capacity and self.capacity < self.cfg.patch_length:
@@ -402,6 +461,7 @@ class _Run:
 
   def _step(self):
     sampler = self.sampler
+    self._prefill_loads()
     self._ensure_capacity(int(np.max(np.asarray(self.state.length))) + sampler.patches_per_call)
     self.state, outputs = _generate(sampler.graphdef, sampler.params, self.state,
                                     sampler.settings, sampler.patches_per_call)
@@ -420,6 +480,9 @@ class _Run:
         self._append(piece, sampler.patchilizer.decode([patches[n, row, text_from[n, row]:]]))
         if piece.chars > settings.max_chars:
           self._finish(row, False, f"more than {settings.max_chars} characters")
+          break
+        if settings.max_patches and piece.patches >= settings.max_patches:
+          self._finish(row, True, f"stopped after {settings.max_patches} patches")
           break
         if event == FULL:
           self._overflow(row, piece)
