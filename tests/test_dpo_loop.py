@@ -62,6 +62,7 @@ def fake_sampler(monkeypatch, prepared):
   return calls
 
 
+@pytest.mark.slow  # about a minute: runs in CI's second pass
 def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir, fake_sampler,
                                                  monkeypatch):
   c = _config(prepared, tmp_path, golden_dir)

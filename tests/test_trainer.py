@@ -191,6 +191,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # about a minute: runs in CI's second pass
 def test_two_processes_agree_with_one(tmp_path):
   # Eight pieces and a global batch of eight: every step sees all of them, however split.
   sources = [s for s in corpus.music21_sources() if s.path.endswith(".mxl")
@@ -296,6 +297,7 @@ def test_fsdp_mesh_splits_activations_by_batch():
   assert fully_sharded < 1.25 * data_parallel
 
 
+@pytest.mark.slow  # about a minute: runs in CI's second pass
 def test_resume_on_a_different_mesh(corpus_shards, tmp_path):
   c = tiny_config("pretrain", tmp_path, corpus_shards, **{"mesh.shape": (2, 2, 2)})
   trainer.train_and_evaluate(c, str(tmp_path))
