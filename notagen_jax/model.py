@@ -229,15 +229,16 @@ class Block(nnx.Module):
     """Inference on x [B, T, H] at positions start[b] + t, reading and extending the cache.
 
     Keys beyond a query's position are masked, so cache slots past a row's end may hold anything.
-    Written for generation, where each step reads every weight for a token or a few, so that XLA
-    reads them in place: one product with the whole fused q/k/v weight for a single token (slicing
-    it, as `_project` does, copies each slice at every step; a prompt, T > 1, takes `_project`,
-    whose numbers match the full forward's), 2-D products for the rest, and an element-wise
-    scatter into the cache, which stays in place where a row-wise update copies the whole cache.
-    Weights may be stored in bfloat16 (see `inference_matmul`).
+    Generation reads every weight for a token or a few, so this is written for XLA to read them in
+    place: a single token takes one product with the whole fused q/k/v weight (slicing it, as
+    `_project` does, copies the slices at every step), 2-D products elsewhere, and the cache is
+    written by an element-wise scatter (a row-wise update copied the whole cache at every step). A
+    prompt (T > 1) takes `_project`, whose numbers match the full forward's. Weights may be stored
+    in bfloat16 (see `inference_matmul`).
     """
     b, t, h = x.shape
     n = self.cfg.heads
+    positions = start[:, None] + jnp.arange(t)
     if t == 1:
       qkv = inference_matmul(self.ln_1(x)[:, 0], self.qkv[...].reshape(h, 3 * h))
       qkv = qkv + self.qkv_bias[...].reshape(-1)
@@ -245,14 +246,14 @@ class Block(nnx.Module):
     else:
       q, k, v = (a.transpose(0, 2, 1, 3) for a in self._project(x))
     index = (jnp.arange(b)[:, None, None, None], jnp.arange(n)[:, None, None],
-             (start[:, None] + jnp.arange(t))[:, None, :, None], jnp.arange(HEAD_DIM))
+             positions[:, None, :, None], jnp.arange(HEAD_DIM))
     write = lambda c, u: c.at[index].set(u.astype(c.dtype), mode="promise_in_bounds",
                                          unique_indices=True)
     cache = KVCache(write(cache.k, k), write(cache.v, v))
     # `jax.nn.dot_product_attention`'s computation, on the cache's [B, N, S, D] layout.
     logits = jnp.einsum("bntd,bnsd->bnts", q, cache.k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(HEAD_DIM)
-    mask = jnp.arange(cache.k.shape[2]) <= (start[:, None] + jnp.arange(t))[:, None, :, None]
+    mask = jnp.arange(cache.k.shape[2]) <= positions[:, None, :, None]
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
     y = jnp.einsum("bnts,bnsd->btnd", probs, cache.v.astype(x.dtype))
@@ -264,10 +265,10 @@ class Block(nnx.Module):
 
 
 def inference_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w in x's dtype, w read as stored and accumulated in float32.
+  """x @ w in x's dtype, with w read as stored and the products summed in float32.
 
-  Generation reads every weight for each token, so bfloat16 weights halve the bytes read; XLA's CPU
-  dot is fast on bfloat16 operands only with a float32 result (and slow at one row).
+  Generation reads every weight for each token, so weights stored in bfloat16 halve the bytes read.
+  XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at one row.
   """
   return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 

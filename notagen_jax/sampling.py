@@ -10,7 +10,8 @@ Where the original re-runs both decoders for every character, one piece at a tim
 KV cache in the patch-level decoder across patches and one in the character-level decoder within a
 patch, draws whole patches inside one compiled loop, and runs many pieces at once: every row has
 its own RNG stream (a piece's draws depend on its seed and index only), its own context length and
-stop state, and a finished row takes the next waiting piece (continuous batching).
+stop state, and a finished row takes the next waiting piece (continuous batching). Prompts waiting
+for rows are encoded together, and the weights can be read in bfloat16 (`Sampler`'s dtype).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax
 import jax
@@ -89,7 +90,10 @@ def _filter_sorted(sorted_probs: jax.Array, top_k: int, top_p: float,
 
 def draw(keys: jax.Array, probs: jax.Array, settings: Settings) -> jax.Array:
   """One character per row of probs [B, V], row b drawn with keys[b]."""
-  sorted_probs, order = jax.lax.top_k(probs, probs.shape[-1])
+  # Only the top k can be drawn, so sorting and drawing among them alone is the same distribution
+  # (and most of the cost of a step at large batch went to the full sort and draw).
+  vocab = probs.shape[-1]
+  sorted_probs, order = jax.lax.top_k(probs, min(settings.top_k or vocab, vocab))
   kept = _filter_sorted(sorted_probs, settings.top_k, settings.top_p, settings.temperature)
   index = jax.vmap(jax.random.categorical)(keys, jnp.log(kept))
   return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0]
@@ -202,16 +206,20 @@ def _generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, set
 
 @flax.struct.dataclass
 class Load:
-  """Contexts to load into rows of a DecodeState, K at once (padding entries past `count`)."""
+  """Contexts to load into rows of a DecodeState: K rows from U distinct contexts.
+
+  Entries past `count` are padding, and so are contexts no row takes.
+  """
+  patches: jax.Array  # [U, T, P], the first n_patches real
+  n_patches: jax.Array  # [U]
   row: jax.Array  # [K]
-  patches: jax.Array  # [K, T, P], the first n_patches real
-  n_patches: jax.Array  # [K]
+  context: jax.Array  # [K] index into patches
   prefix: jax.Array  # [K, P]
   prefix_len: jax.Array  # [K]
   in_body: jax.Array  # [K]
   key: jax.Array  # [K]
   step: jax.Array  # [K]
-  count: jax.Array  # [] real entries
+  count: jax.Array  # [] real rows
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -220,27 +228,28 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
   """Runs the patch decoder over the contexts of `load` together and puts them in their rows."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
-  k, t = load.patches.shape[:2]
-  caches = [model_lib.KVCache.empty(cfg, k, t) for _ in range(cfg.patch_layers)]
-  hidden, caches = model.patch.decode(load.patches, caches, jnp.zeros((k,), jnp.int32))
-  last = hidden[jnp.arange(k), load.n_patches - 1]
+  u, t = load.patches.shape[:2]
+  caches = [model_lib.KVCache.empty(cfg, u, t) for _ in range(cfg.patch_layers)]
+  hidden, caches = model.patch.decode(load.patches, caches, jnp.zeros((u,), jnp.int32))
+  last = hidden[jnp.arange(u), load.n_patches - 1]
 
-  def put(i, state):
+  def load_row(i, state):
     # One row at a time: a dynamic_update_slice of a donated buffer is done in place.
-    row = load.row[i]
-    put = lambda full, part: jax.lax.dynamic_update_slice(full, part[i][None].astype(full.dtype),
-                                                          (row, 0, 0, 0))
+    row, context = load.row[i], load.context[i]
+    put = lambda full, part: jax.lax.dynamic_update_slice(
+        full, part[context][None].astype(full.dtype), (row, 0, 0, 0))
     set_row = lambda full, part: full.at[row].set(part[i])
     return state.replace(
         cache=[model_lib.KVCache(put(c.k, r.k), put(c.v, r.v))
                for c, r in zip(state.cache, caches)],
-        hidden=set_row(state.hidden, last), length=set_row(state.length, load.n_patches),
+        hidden=state.hidden.at[row].set(last[context]),
+        length=state.length.at[row].set(load.n_patches[context]),
         prefix=set_row(state.prefix, load.prefix),
         prefix_len=set_row(state.prefix_len, load.prefix_len),
         in_body=set_row(state.in_body, load.in_body), active=state.active.at[row].set(True),
         keys=set_row(state.keys, load.key), step=set_row(state.step, load.step))
 
-  return jax.lax.fori_loop(0, load.count, put, state)
+  return jax.lax.fori_loop(0, load.count, load_row, state)
 
 
 @dataclasses.dataclass
@@ -335,8 +344,8 @@ class Sampler:
 
   `dtype` is the dtype the weight matrices are read in, cast once here (None: as stored). Every
   character reads all of the char decoder's weights, so "bfloat16" halves the bytes moved;
-  activations and sums stay in the model's dtype. On CPU it pays from a few rows up: XLA's
-  bfloat16 dot is much slower than float32 at one row, and faster (~1.4x at 32) from two.
+  activations and sums stay in the model's dtype. On a CPU it pays from a few rows up: XLA's
+  bfloat16 dot is ~10x slower than float32 at one row, ~1.2x faster at 8 and ~1.4x at 32.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
@@ -359,6 +368,15 @@ class Sampler:
     return run.results
 
 
+class _Loading(NamedTuple):
+  """A context to load into a row before the next call."""
+  row: int
+  ids: np.ndarray  # [n, P] whole patches
+  prefix: np.ndarray  # chars of the open last patch
+  in_body: bool
+  step: int  # patches drawn so far for the piece
+
+
 class _Run:
   """One `Sampler.run`: the slots, the waiting pieces and the device state."""
 
@@ -378,8 +396,7 @@ class _Run:
     self.capacity = _bucket(longest + sampler.patches_per_call, self.cfg.patch_length, 64)
     self.state = empty_state(self.cfg, sampler.batch, self.capacity)
     self.slots: list[Piece | None] = [None] * sampler.batch
-    # (row, context patches, open patch, body started, patches drawn) to prefill before the next call
-    self.loads: list[tuple[int, np.ndarray, np.ndarray, bool, int]] = []
+    self.loads: list[_Loading] = []  # prefilled before the next call
     finished: dict[int, Result] = {}
     self.finished = finished
     waiting = collections.deque(range(len(self.prompts)))
@@ -406,40 +423,53 @@ class _Run:
     return piece
 
   def _load(self, row: int, ids: np.ndarray, prefix: np.ndarray, in_body: bool, step: int):
-    self.loads.append((row, ids, prefix, in_body, step))
+    self.loads.append(_Loading(row, ids, prefix, in_body, step))
 
   def _prefill_loads(self):
-    """Prefills the queued contexts: those of one length bucket together, PREFILL_PATCHES at most.
+    """Prefills the queued contexts, those of one length bucket together.
 
-    Together, the patch decoder's weights are read once for all of them (a batch starts with
-    every row to fill); the bound keeps the attention of long contexts in memory.
+    Together, the patch decoder's weights are read once for all of them (a batch starts with every
+    row to fill), and a context queued for several rows (pieces from one prompt) is encoded once;
+    at most PREFILL_PATCHES patches are encoded per call, which bounds the attention's memory.
     """
     loads, self.loads = self.loads, []
     if not loads:
       return
-    self._ensure_capacity(max(len(ids) for _, ids, *_ in loads) + self.sampler.patches_per_call)
+    self._ensure_capacity(max(len(load.ids) for load in loads) + self.sampler.patches_per_call)
     by_length = collections.defaultdict(list)
     for load in loads:
-      by_length[_bucket(len(load[1]), self.capacity)].append(load)
+      by_length[_bucket(len(load.ids), self.capacity)].append(load)
     for length, group in sorted(by_length.items()):
       per_call = max(1, PREFILL_PATCHES // length)
-      for i in range(0, len(group), per_call):
-        self._prefill(group[i:i + per_call], length)
+      contexts, chunk = set(), []
+      for load in group:
+        context = load.ids.tobytes()
+        if context not in contexts and len(contexts) == per_call:
+          self._prefill(chunk, length)
+          contexts, chunk = set(), []
+        contexts.add(context)
+        chunk.append(load)
+      self._prefill(chunk, length)
 
-  def _prefill(self, loads: list[tuple[int, np.ndarray, np.ndarray, bool, int]], length: int):
+  def _prefill(self, loads: list[_Loading], length: int):
     p = self.cfg.patch_size
-    k = _bucket(len(loads), self.sampler.batch, 1)  # few compiled shapes; the rest is padding
-    rows, n_patches, prefix_len, step, pieces = (np.zeros((k,), np.int32) for _ in range(5))
-    patches = np.zeros((k, length, p), np.int32)
+    index: dict[bytes, int] = {}
+    sources = [index.setdefault(load.ids.tobytes(), len(index)) for load in loads]
+    # Rows and contexts padded to powers of two: few compiled shapes.
+    u, k = (_bucket(n, self.sampler.batch, 1) for n in (len(index), len(loads)))
+    patches = np.zeros((u, length, p), np.int32)
+    n_patches = np.zeros((u,), np.int32)
+    rows, context, prefix_len, step, pieces = (np.zeros((k,), np.int32) for _ in range(5))
     prefix = np.zeros((k, p), np.int32)
     in_body = np.zeros((k,), bool)
-    for j, (row, ids, open_patch, body, drawn) in enumerate(loads):
-      rows[j], n_patches[j], prefix_len[j], step[j] = row, len(ids), len(open_patch), drawn
-      patches[j, :len(ids)], prefix[j, :len(open_patch)], in_body[j] = ids, open_patch, body
-      pieces[j] = self.slots[row].index
+    for j, (load, source) in enumerate(zip(loads, sources)):
+      patches[source, :len(load.ids)], n_patches[source] = load.ids, len(load.ids)
+      rows[j], context[j], step[j] = load.row, source, load.step
+      prefix[j, :len(load.prefix)], prefix_len[j] = load.prefix, len(load.prefix)
+      in_body[j], pieces[j] = load.in_body, self.slots[load.row].index
     keys = jax.vmap(jax.random.fold_in, (None, 0))(self.base_key, jnp.asarray(pieces))
-    load = Load(row=jnp.asarray(rows), patches=jnp.asarray(patches),
-                n_patches=jnp.asarray(np.maximum(n_patches, 1)), prefix=jnp.asarray(prefix),
+    load = Load(patches=jnp.asarray(patches), n_patches=jnp.asarray(n_patches),
+                row=jnp.asarray(rows), context=jnp.asarray(context), prefix=jnp.asarray(prefix),
                 prefix_len=jnp.asarray(prefix_len), in_body=jnp.asarray(in_body), key=keys,
                 step=jnp.asarray(step), count=jnp.int32(len(loads)))
     self.state = _prefill(self.sampler.graphdef, self.sampler.params, self.state, load)
