@@ -36,7 +36,8 @@ _MAX_CHARS = flags.DEFINE_integer("max_chars", 102400, "Characters per piece bef
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Seconds per piece before it fails.")
 _MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: until it ends).")
 _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "float32", ["float32", "bfloat16"],
+                                   "Weight matrices as read while sampling (sums in float32).")
 
 
 def main(argv):
@@ -54,9 +55,11 @@ def main(argv):
     prompt = head
   else:
     raise app.UsageError("give --period/--composer/--instrumentation or --continue_from")
-  model = checkpoint.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+  model = checkpoint.load_model(_CHECKPOINT.value)
+  weights_dtype = None if _WEIGHTS_DTYPE.value == "float32" else _WEIGHTS_DTYPE.value
   written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
-                                batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value)
+                                batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value,
+                                weights_dtype=weights_dtype)
   for item in written:
     status = "ok" if item.ok else f"FAILED ({item.reason})"
     errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())

@@ -142,8 +142,13 @@ def _write_midi(musicxml: str, path: pathlib.Path) -> pathlib.Path:
 
 def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pathlib.Path, *,
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
-             formats: Sequence[str] = ("xml", "mid"), progress: bool = True) -> list[Written]:
-  """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece."""
+             formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
+             weights_dtype: str | None = None) -> list[Written]:
+  """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
+
+  `weights_dtype="bfloat16"` stores the weight matrices in bfloat16 for sampling (sums stay in
+  float32): each character reads them all, so this nearly halves the time at small batches.
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written: list[Written] = []
@@ -162,7 +167,8 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pa
       bar.update(1)
 
   try:
-    sampling.Sampler(model, settings, batch=batch).run(prompts, seed=seed, on_result=on_result)
+    sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
+    sampler.run(prompts, seed=seed, on_result=on_result)
   finally:
     record.close()
     if bar is not None:

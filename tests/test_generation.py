@@ -84,6 +84,6 @@ def test_generate_entry_point(golden_dir, tmp_path):
       [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
        f"--output={tmp_path}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
        "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4",
-       "--formats="], cwd=REPO, capture_output=True, text=True, check=True)
+       "--formats=", "--weights_dtype=bfloat16"], cwd=REPO, capture_output=True, text=True, check=True)
   assert '"pieces": 2' in out.stdout
   assert sorted(p.name for p in tmp_path.glob("*.abc")) == ["piece_00000.abc", "piece_00001.abc"]
