@@ -22,9 +22,8 @@ def main(argv):
   if _WORKDIR.value:
     with config.unlocked():
       config.workdir = _WORKDIR.value
-  rows = dpo_loop.run(config)
+  dpo_loop.run(config)  # prints the summary table after every iteration
   print(f"summary: {config.workdir}/summary.txt  plot: {config.workdir}/score.png")
-  del rows
 
 
 if __name__ == "__main__":
