@@ -57,12 +57,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.sample.num_pieces >= 2, "sample.num_pieces", "at least 2 pieces")
   check(all(c.prompt), "prompt", f"{tuple(c.prompt)} needs period, composer, instrumentation")
   sampling.Settings(**_settings_fields(c))  # its own checks
-  train = copy.deepcopy(c.train)
-  train.unlock()
-  train.init_checkpoint = c.init_checkpoint
-  train.data.preference_file = "checked later"
-  train.workdir = c.workdir
-  config_lib.validate(train)
+  first = pathlib.Path(c.workdir) / "iteration_0"
+  _train_config(c, c.init_checkpoint, first / "preferences.json", first / "train")
+
+
+def _train_config(c: ml_collections.ConfigDict, policy: str, pairs: pathlib.Path,
+                  out: pathlib.Path) -> ml_collections.ConfigDict:
+  """The DPO run of one iteration: `c.train` from `policy` on `pairs`, validated."""
+  cfg = copy.deepcopy(c.train)
+  cfg.unlock()
+  cfg.init_checkpoint = policy
+  cfg.data.preference_file = str(pairs)
+  cfg.workdir = str(out)
+  config_lib.validate(cfg)
+  return cfg
 
 
 def _settings_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -139,13 +147,7 @@ def train(c: ml_collections.ConfigDict, policy: str, pairs: pathlib.Path,
   """DPO from `policy` on the pairs; returns the new policy (final params) path."""
   final = out / trainer.FINAL_PARAMS
   if not final.exists():
-    cfg = copy.deepcopy(c.train)
-    cfg.unlock()
-    cfg.init_checkpoint = policy
-    cfg.data.preference_file = str(pairs)
-    cfg.workdir = str(out)
-    config_lib.validate(cfg)
-    trainer.train_and_evaluate(cfg, str(out))
+    trainer.train_and_evaluate(_train_config(c, policy, pairs, out), str(out))
   return str(final)
 
 
