@@ -116,11 +116,41 @@ _ones = nnx.initializers.ones_init()
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
   """LayerNorm computed in float32 whatever the compute dtype."""
-  x32 = x.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
-  return y.astype(x.dtype)
+  return _layer_norm32(x.astype(jnp.float32), scale, bias).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _layer_norm32(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  return _layer_norm32_fwd(x, scale, bias)[0]
+
+
+def _layer_norm32_fwd(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + LN_EPS)
+  normed = (x - mean) * inv_std
+  return normed * scale + bias, (normed, inv_std, scale)
+
+
+def _layer_norm32_bwd(residuals, g):
+  """The exact gradient, its sums written as products with a vector of ones.
+
+  Autodiff's sums of products (gradient x normalized input) become XLA CPU reductions that
+  run some 25 times slower than the same sums as matrix-vector products.
+  """
+  normed, inv_std, scale = residuals
+  h = normed.shape[-1]
+  rows, g_rows = normed.reshape(-1, h), g.reshape(-1, h)
+  over_rows = jnp.ones(rows.shape[0], jnp.float32)
+  grad_scale = over_rows @ (g_rows * rows)
+  grad_bias = over_rows @ g_rows
+  g_normed = g_rows * scale
+  mean_over_h = jnp.full((h,), 1 / h, jnp.float32)
+  centred = g_normed - (g_normed @ mean_over_h)[:, None]
+  grad_x = (centred - rows * ((g_normed * rows) @ mean_over_h)[:, None]).reshape(g.shape)
+  return grad_x * inv_std, grad_scale, grad_bias
+
+
+_layer_norm32.defvjp(_layer_norm32_fwd, _layer_norm32_bwd)
 
 
 class LayerNorm(nnx.Module):
@@ -133,7 +163,28 @@ class LayerNorm(nnx.Module):
     return layer_norm(x, self.scale[...], self.bias[...])
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, drop: nnx.Dropout,
+class Dropout(nnx.Module):
+  """Inverted dropout drawing 16 random bits per element, not `nnx.Dropout`'s 32-bit uniform.
+
+  Drawing the bits is most of dropout's cost on a CPU, and half the bits halve it. The rate is
+  rounded to a multiple of 1/65536 (0.1 becomes 0.100006) and kept values are scaled by the
+  exact keep probability, so the expectation is unchanged.
+  """
+
+  def __init__(self, rate: float):
+    self.rate = rate
+    self.threshold = round(rate * 65536)
+
+  def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    if deterministic or self.threshold == 0:
+      return x
+    if rngs is None:
+      raise ValueError("dropout while training needs rngs with a 'dropout' stream")
+    keep = jax.random.bits(rngs.dropout(), x.shape, jnp.uint16) >= self.threshold
+    return jnp.where(keep, x * (65536 / (65536 - self.threshold)), 0).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, drop: Dropout,
               deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
   """Masked attention over [B, T, N, D]; mask broadcasts to [B, N, T, S] (True = attend).
 
@@ -146,6 +197,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, drop: n
   logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
   probs = drop(jax.nn.softmax(logits, axis=-1), deterministic=False, rngs=rngs)
   return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+
+
+def _materialize(x: jax.Array) -> jax.Array:
+  """x, computed once and stored, where XLA's CPU fusion would recompute it in each consumer.
+
+  XLA's CPU pipeline drops optimization barriers before fusion; a branch it cannot resolve at
+  compile time (one element's bits with the sign cleared are never all ones) is a boundary.
+  Accelerators keep x as is: their fusion does not recompute this way, and a branch there waits
+  for the device.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  probe = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+  return jax.lax.cond(probe & 0x7FFFFFFF != jnp.uint32(0xFFFFFFFF), lambda x: x,
+                      lambda x: x * 1, x)
+
+
+@jax.custom_vjp
+def materialized_grad(x: jax.Array) -> jax.Array:
+  """The identity, whose gradient is computed once and stored.
+
+  Without it XLA's CPU fusion recomputes the residual stream's gradient, an element-wise chain
+  through every later block's LayerNorm, inside each of its consumers (the transposes feeding
+  the weight gradients): quadratic in depth.
+  """
+  return x
+
+
+def _materialized_grad_fwd(x):
+  return x, None
+
+
+def _materialized_grad_bwd(_, g):
+  return (_materialize(g),)
+
+
+materialized_grad.defvjp(_materialized_grad_fwd, _materialized_grad_bwd)
 
 
 def _local_keys(x: jax.Array, block: int, fill: int = 0) -> jax.Array:
@@ -191,7 +279,7 @@ class Block(nnx.Module):
     self.fc_bias = _param(rngs, _zeros, (4 * h,), ("mlp",), cfg)
     self.proj = _param(rngs, out_init, (4 * h, h), ("mlp", "embed"), cfg)
     self.proj_bias = _param(rngs, _zeros, (h,), ("embed",), cfg)
-    self.drop = nnx.Dropout(cfg.dropout)
+    self.drop = Dropout(cfg.dropout)
 
   def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k, v [B, T, N, D] of x [B, T, H]."""
@@ -207,7 +295,7 @@ class Block(nnx.Module):
     dt = x.dtype
     w = lambda p: p[...].astype(dt)
     y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
-    x = x + self.drop(y, deterministic=deterministic, rngs=rngs)
+    x = materialized_grad(x + self.drop(y, deterministic=deterministic, rngs=rngs))
     y = jax.nn.gelu(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), approximate=True)
     y = y @ w(self.proj) + w(self.proj_bias)
     return x + self.drop(y, deterministic=deterministic, rngs=rngs)
@@ -215,6 +303,7 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
     """x [B, T, H]. With local_block, each query block attends to itself and the block before."""
+    x = materialized_grad(x)
     q, k, v = self._project(x)
     if local_block:
       b, t = q.shape[:2]
@@ -310,7 +399,7 @@ class PatchDecoder(nnx.Module):
     self.unused_wte = Extra(_normal(rngs.params(), (1, cfg.hidden), jnp.dtype(cfg.param_dtype)))
     self.blocks = nnx.List([Block(cfg, cfg.patch_layers, rngs) for _ in range(cfg.patch_layers)])
     self.ln_f = LayerNorm(cfg, rngs)
-    self.drop = nnx.Dropout(cfg.dropout)
+    self.drop = Dropout(cfg.dropout)
 
   def __call__(self, patches: jax.Array, mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> jax.Array:
@@ -350,7 +439,7 @@ class CharDecoder(nnx.Module):
     self.wpe = _param(rngs, _normal, (cfg.patch_size + 1, cfg.hidden), ("position", "embed"), cfg)
     self.blocks = nnx.List([Block(cfg, cfg.char_layers, rngs) for _ in range(cfg.char_layers)])
     self.ln_f = LayerNorm(cfg, rngs)
-    self.drop = nnx.Dropout(cfg.dropout)
+    self.drop = Dropout(cfg.dropout)
 
   def embed(self, first: jax.Array, chars: jax.Array, positions: jax.Array) -> jax.Array:
     """Input embedding: `first` (the patch output) where position is 0, else wte[chars]; + wpe."""

@@ -219,12 +219,53 @@ def test_manual_attention_matches_dot_product_attention():
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(key, (2, 7, 2, 64)) for key in keys)
   mask = jnp.tril(jnp.ones((7, 7), bool))[None, None] & (jnp.arange(7) < 5)[None, None, None]
-  expected = model_lib.attention(q, k, v, mask, nnx.Dropout(0.1), True, None)
+  expected = model_lib.attention(q, k, v, mask, model_lib.Dropout(0.1), True, None)
   # A rate so small that nothing is dropped exercises the explicit path.
-  explicit = jax.jit(lambda q, k, v: model_lib.attention(q, k, v, mask, nnx.Dropout(1e-12), False,
-                                                         nnx.Rngs(dropout=0)))
+  explicit = jax.jit(lambda q, k, v: model_lib.attention(q, k, v, mask, model_lib.Dropout(1e-12),
+                                                         False, nnx.Rngs(dropout=0)))
   actual = explicit(q, k, v)
   np.testing.assert_allclose(actual, expected, atol=1e-6)
+
+
+def test_dropout_rate_and_scale():
+  drop = model_lib.Dropout(0.1)
+  x = jnp.ones((1000, 1000))
+  y = np.asarray(jax.jit(lambda x: drop(x, deterministic=False, rngs=nnx.Rngs(dropout=0)))(x))
+  assert abs((y == 0).mean() - 0.1) < 2e-3
+  kept = y[y != 0]
+  np.testing.assert_allclose(kept, 65536 / (65536 - 6554), rtol=1e-6)
+  assert abs(y.mean() - 1.0) < 3e-3
+  assert drop(x, deterministic=True, rngs=None) is x
+
+
+def _reference_layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + model_lib.LN_EPS) * scale + bias
+
+
+def test_layer_norm_gradient_equals_autodiff():
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = 3 * jax.random.normal(keys[0], (2, 5, 64)) + 1
+  scale, bias = jax.random.normal(keys[1], (64,)), jax.random.normal(keys[2], (64,))
+  weights = jax.random.normal(keys[3], x.shape)
+
+  def grads(norm):
+    loss = lambda x, s, b: jnp.sum(jnp.sin(norm(x, s, b)) * weights)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+  np.testing.assert_allclose(model_lib.layer_norm(x, scale, bias),
+                             _reference_layer_norm(x, scale, bias), atol=1e-6)
+  for actual, expected in zip(grads(model_lib.layer_norm), grads(_reference_layer_norm)):
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_materialized_grad_is_the_identity():
+  x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+  f = lambda x: jnp.sum(jnp.tanh(3 * x) ** 2)
+  g = jax.jit(jax.grad(lambda x: f(model_lib.materialized_grad(x))))
+  np.testing.assert_array_equal(model_lib.materialized_grad(x), x)
+  np.testing.assert_allclose(g(x), jax.jit(jax.grad(f))(x), rtol=1e-5, atol=1e-6)
 
 
 def test_every_parameter_has_logical_axes():
