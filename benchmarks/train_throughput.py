@@ -388,7 +388,10 @@ def main(argv: list[str]) -> None:
         c = base_config("dpo", "small", pad, 1, packing=True)
         c.init_checkpoint = str(init)
         c.dpo.precompute_reference = precompute
-        c.dpo.reference_dropout = not precompute  # the original's reference runs with dropout on
+        # The original's policy and reference run with dropout on; a precomputed reference has
+        # none, and then neither has the policy (the trainer's default).
+        c.dpo.reference_dropout = not precompute
+        c.model.dropout = 0.0 if precompute else 0.1
         return c
 
       # Reference log-probs, computed once per pair (dropout off), as trainer's precompute does.

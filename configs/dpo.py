@@ -2,9 +2,10 @@
 
 DPO-Positive (beta 0.1, lambda 10), lr 1e-6, clip 1.0, no schedule, 10,000 steps, as the original;
 policy and frozen reference start from `init_checkpoint`. The reference log-probs are computed
-once with dropout off (`dpo.precompute_reference`); the original recomputed them every step with
-dropout on (`dpo.precompute_reference=False`, `dpo.reference_dropout=True`). The original trained
-one pair per step (`data.batch_size=1`).
+once with dropout off (`dpo.precompute_reference`), so the policy trains without dropout too
+(`model.dropout=0`, as TRL's DPO does by default); the original recomputed them every step with
+dropout on in both (`dpo.precompute_reference=False`, `dpo.reference_dropout=True`,
+`model.dropout=0.1`). The original trained one pair per step (`data.batch_size=1`).
 """
 
 from notagen_jax import config as config_lib

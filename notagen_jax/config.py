@@ -36,7 +36,9 @@ def base_config(mode: str, size: str = "small") -> ml_collections.ConfigDict:
   c.model.patch_length = model_lib.SIZES[size][0]
   c.model.dtype = "float32"
   c.model.remat = False
-  c.model.dropout = 0.1
+  # DPO compares the policy's log-probs with the reference's: both need the same dropout, and the
+  # precomputed reference has none (see c.dpo below).
+  c.model.dropout = 0.0 if mode == "dpo" else 0.1
   c.model.patch_sampling = 0
   c.model.char_packing = False
 
@@ -129,6 +131,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.dpo.lam >= 0, "dpo.lam", f"{c.dpo.lam} must be >= 0")
     _check(not (c.dpo.precompute_reference and c.dpo.reference_dropout), "dpo.reference_dropout",
            "precomputed reference log-probs are deterministic; turn one of the two off")
+    # A policy with dropout scores a piece hundreds of nats below a reference without it, and
+    # DPO-Positive's penalty takes that gap for a policy that got worse.
+    _check(c.model.dropout == 0 or c.dpo.reference_dropout, "model.dropout",
+           f"{c.model.dropout} while the reference log-probs have no dropout: set model.dropout=0 "
+           "or, as the original, dpo.reference_dropout=True and dpo.precompute_reference=False")
   else:
     _check(bool(c.data.shards_dir), "data.shards_dir", "is empty")
   if c.mode == "finetune":
