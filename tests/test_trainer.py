@@ -258,6 +258,17 @@ def test_wrong_config_value_names_the_field(tmp_path):
     config_lib.validate(c)
 
 
+def test_dpo_policy_dropout_needs_reference_dropout(tmp_path):
+  c = config_lib.base_config("dpo", "tiny")
+  c.workdir, c.data.preference_file, c.init_checkpoint = str(tmp_path), "pairs.json", "policy"
+  config_lib.validate(c)  # the default: no dropout in either
+  c.model.dropout = 0.1
+  with pytest.raises(ValueError, match="config.model.dropout"):
+    config_lib.validate(c)
+  c.dpo.precompute_reference, c.dpo.reference_dropout = False, True  # the original's way
+  config_lib.validate(c)
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss(policy, corpus_shards, tmp_path):
   c = tiny_config("pretrain", tmp_path, corpus_shards,
