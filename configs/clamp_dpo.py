@@ -3,8 +3,8 @@
 The original's recipe: 1000 pieces per iteration (top-k 9, top-p 0.9, temperature 1.2), scored
 with CLaMP 2 against the ground-truth pieces of the prompt, best 10% that pass the filters chosen,
 worst 10% rejected, every chosen x rejected pair, DPO-Positive (configs/dpo.py) from the current
-policy. `quickstart` is the embedded default: a tiny policy, the weight-free symbolic scorer, few
-pieces and a short DPO with a larger learning rate, finishing in minutes on a CPU.
+policy. `quickstart` is the embedded default: a tiny policy, the weight-free symbolic scorer, 192
+pieces and a short DPO (200 pairs) with a larger learning rate, finishing in minutes on a CPU.
 """
 
 import ml_collections
@@ -26,7 +26,7 @@ def get_config(arg: str = "small"):
   c.ground_truth.match_prompt = True  # only its pieces with the same prompt
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.num_pieces = 48 if quick else 1000
+  c.sample.num_pieces = 192 if quick else 1000
   c.sample.batch = 16 if quick else 32
   c.sample.top_k = 9
   c.sample.top_p = 0.9
@@ -45,7 +45,7 @@ def get_config(arg: str = "small"):
   c.scorer.max_similarity = 0.995 if quick else 0.95
 
   c.select = ml_collections.ConfigDict()
-  c.select.fraction = 0.25 if quick else 0.1
+  c.select.fraction = 0.1
   # Score pieces that cannot be un-reduced as generated, so they can be rejected (never chosen);
   # the original's sampler retries them away instead, which a barely trained model cannot afford.
   c.select.score_malformed = quick
@@ -56,8 +56,8 @@ def get_config(arg: str = "small"):
   c.train = dpo.get_config(size)
   if quick:
     c.train.optimizer.learning_rate = 2e-5
-    c.train.train.num_steps = 60
-    c.train.train.log_every = 10
+    c.train.train.num_steps = 200
+    c.train.train.log_every = 25
     c.train.train.eval_every = 1000
     c.train.train.checkpoint_every = 1000
     c.train.data.num_threads = 0

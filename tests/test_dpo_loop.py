@@ -33,6 +33,7 @@ def _config(prepared, workdir, golden_dir):
   c.iterations = 1
   c.ground_truth.prepared_dir = str(prepared)
   c.sample.num_pieces = 8
+  c.select.fraction = 0.25  # two pieces each side
   c.sample.batch = 4
   c.scorer.workers = 1
   c.train.train.num_steps = 2
