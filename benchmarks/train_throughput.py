@@ -18,9 +18,9 @@ Rows:
   patch_length, every char position).
 - the DPO step on the small model (12/3/768) for one pair of real pieces (chosen: the first 253
   patches of Mozart K.80/ii in C, rejected: the first 256 of the Maple Leaf Rag in C, from
-  prepare_cases.json): the trainer's step with precomputed reference log-probs and char packing,
-  the trainer's step with a reference forward every step (dropout on in the reference too, as
-  the original), and the original's step in PyTorch (transformers GPT-2: policy forward on
+  prepare_cases.json): the trainer's step with precomputed reference log-probs and char packing
+  (no dropout, the trainer's DPO default), the trainer's step with a reference forward every step
+  (dropout on in policy and reference, as the original), and the original's step in PyTorch (transformers GPT-2: policy forward on
   chosen, then rejected, batch 1, dropout on; reference forward on both under no_grad, dropout
   on; DPO-Positive beta 0.1 lambda 10; backward; clip_grad_norm 1.0; AdamW lr 1e-6), same
   weights, the same thread count. The steps of
