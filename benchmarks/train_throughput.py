@@ -20,10 +20,10 @@ Rows:
   patches of Mozart K.80/ii in C, rejected: the first 256 of the Maple Leaf Rag in C, from
   prepare_cases.json): the trainer's step with precomputed reference log-probs and char packing
   (no dropout, the trainer's DPO default), the trainer's step with a reference forward every step
-  (dropout on in policy and reference, as the original), and the original's step in PyTorch (transformers GPT-2: policy forward on
-  chosen, then rejected, batch 1, dropout on; reference forward on both under no_grad, dropout
-  on; DPO-Positive beta 0.1 lambda 10; backward; clip_grad_norm 1.0; AdamW lr 1e-6), same
-  weights, the same thread count. The steps of
+  (dropout on in policy and reference, as the original), and the original's step in PyTorch
+  (transformers GPT-2: policy forward on chosen, then rejected, batch 1, dropout on; reference
+  forward on both under no_grad, dropout on; DPO-Positive beta 0.1 lambda 10; backward;
+  clip_grad_norm 1.0; AdamW lr 1e-6), same weights, the same thread count. The steps of
   all variants are interleaved round by round so that other load on the machine hits them alike;
   every ratio is from this run. Besides the wall time, each step's CPU time of the process (all
   threads) is recorded: on a shared machine it moves much less with other load.

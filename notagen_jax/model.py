@@ -115,8 +115,9 @@ _ones = nnx.initializers.ones_init()
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """LayerNorm computed in float32 whatever the compute dtype."""
-  return _layer_norm32(x.astype(jnp.float32), scale, bias).astype(x.dtype)
+  """LayerNorm computed in float32 whatever the compute and parameter dtypes."""
+  f32 = lambda a: a.astype(jnp.float32)
+  return _layer_norm32(f32(x), f32(scale), f32(bias)).astype(x.dtype)
 
 
 @jax.custom_vjp
