@@ -1,7 +1,7 @@
 """Generation throughput of the KV-cached, batched sampler against the original's uncached loop.
 
   python benchmarks/generate_throughput.py [--cases=short,long] [--batches=1,32]
-      [--baseline-patches=3] [--dtype=float32,bfloat16] [--patches-per-call=8]
+      [--baseline-patches=3] [--dtype=float32,bfloat16,int8] [--patches-per-call=8]
       [--torch-threads=2,1] [--repeats=1]
 
 The small model (12 patch layers, 3 char layers, H 768), randomly initialized (`model.create`);
@@ -17,7 +17,9 @@ Each piece is stopped after 64 patches (`Settings(max_patches=64)`; random weigh
 piece earlier), so every row draws 64 x 16 characters. chars/s counts the characters drawn over
 the whole `Sampler.run` (prompt encoding included), after a first run that compiles; batch B runs
 B copies of the prompt at once (aggregate chars/s). `--dtype` gives one row per Sampler dtype
-(bfloat16: weight matrices read in bfloat16, sums in float32).
+(bfloat16: weight matrices read in bfloat16, sums in float32; int8: the blocks' matrices in int8
+with a scale per 32 input rows, the embeddings in bfloat16; at batch 1 on a CPU both take
+`cpu_matmul`'s kernels).
 
 Baseline, the original's `inference.py` loop: for every patch the whole patch-level decoder over
 the context, then for every character the char-level decoder over [patch output, chars so far],
@@ -28,7 +30,8 @@ than one (threads spinning at barriers while the other core is taken).
 
 Limits, measured in the same run (the best seen before and after the rows): memory bandwidth (a
 numpy sum over 512 MB, best of 3) and the peak matmul rate (`model_throughput.peak_meter`'s
-matmuls, in each row's dtype with float32 sums as the sampler's). Batch 1 is bound by bytes: each
+matmuls, in each row's dtype with float32 sums as the sampler's; int8 rows' larger batches
+dequantize to float32, so float32's). Batch 1 is bound by bytes: each
 character reads the char decoder's weights, 1/16 of the patch decoder's, and the used part of both
 KV caches (the sampler reads the whole cache bucket; only the used part is counted). Larger
 batches are bound by the matmul rate: FLOPs = 2 x the matmul parameters per character (char
@@ -221,6 +224,11 @@ def work_per_char(cfg, params, context: float) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------
 
 
+def matmul_dtype(weights_dtype: str) -> str:
+  """The operand dtype of the sampler's products above the kernel's rows: int8 is dequantized."""
+  return "float32" if weights_dtype == "int8" else weights_dtype
+
+
 def compile_seconds() -> list[float]:
   """A list that JAX's compile events (tracing, lowering, XLA) add their seconds to from now on."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -264,7 +272,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--baseline-patches", type=int, default=3,
                       help="patches the original's loop is timed for (after one warm-up patch)")
   parser.add_argument("--dtype", default="float32",
-                      help="comma list of Sampler dtypes (float32, bfloat16): one row each")
+                      help="comma list of Sampler dtypes (float32, bfloat16, int8): one row each")
   parser.add_argument("--patches-per-call", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best counts)")
   parser.add_argument("--torch-threads", default="2,1",
@@ -286,7 +294,7 @@ def main(argv: list[str]) -> None:
 
   compiled = compile_seconds()
   dtypes = args.dtype.split(",")
-  meters = {dtype: peak_meter(dtype) for dtype in dtypes}
+  meters = {matmul_dtype(d): peak_meter(matmul_dtype(d)) for d in dtypes}
   peaks = {dtype: [measure()] for dtype, measure in meters.items()}
   bandwidths = [memory_bandwidth()]
   cfg = model_lib.config_for("small")
@@ -343,7 +351,8 @@ def main(argv: list[str]) -> None:
       shown, limit = f"{achieved / 1e9:.1f} GB/s", achieved / bandwidth
     else:
       achieved = r["flops"] * r["rate"]
-      shown, limit = f"{achieved / 1e12:.3f} TFLOP/s", achieved / max(peaks[r["dtype"]])
+      shown, limit = (f"{achieved / 1e12:.3f} TFLOP/s",
+                       achieved / max(peaks[matmul_dtype(r["dtype"])]))
     target = TARGETS.get((r["case"], r["batch"]))
     print(f"{r['case']:6} {r['batch']:5d} {r['dtype']:9} {r['rate']:11.1f} {r['baseline']:12.2f} "
           f"{r['rate'] / r['baseline']:6.1f}x {f'>={target:g}x' if target else '':>7} "

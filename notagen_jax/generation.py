@@ -146,8 +146,8 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pa
              weights_dtype: str | None = None) -> list[Written]:
   """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
 
-  `weights_dtype="bfloat16"` stores the weight matrices in bfloat16 for sampling (sums stay in
-  float32): each character reads them all, so this nearly halves the time at small batches.
+  `weights_dtype` ("bfloat16" or "int8") stores the weight matrices narrower for sampling (sums
+  stay in float32; see `sampling.Sampler`): each character reads them all.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Log-likelihood of ABC files under a NotaGen checkpoint, one JSON line per file.
 
-  python -m notagen_jax.loglik --checkpoint=PATH FILE.abc...
+  python -m notagen_jax.loglik --checkpoint=PATH [--weights_dtype=int8] FILE.abc...
 
 Each piece is tokenized with the training encoding (stream markers, head cut to patch_length) and
 scored on every real target character: n_chars, mean_nll (nats per char) and sum_logprob.
+--weights_dtype scores the weights as sampling with that dtype stores them (`sampling.as_stored`),
+which shows what bfloat16 or int8 sampling costs in likelihood.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flax import nnx
 
 from notagen_jax import checkpoint
 from notagen_jax import model as model_lib
+from notagen_jax import sampling
 from notagen_jax.data import tokenizer
 
 # Pieces are padded to a multiple of this many patches so that few lengths get compiled.
@@ -46,9 +49,13 @@ def main(argv: list[str] | None = None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True,
                       help="a checkpoint directory, or a NotaGen .pth / .safetensors")
+  parser.add_argument("--weights_dtype", choices=sampling.WEIGHT_DTYPES,
+                      help="score the weights as sampling stores them in this dtype")
   parser.add_argument("files", nargs="+")
   args = parser.parse_args(argv)
   model = checkpoint.load_model(args.checkpoint)
+  if args.weights_dtype:
+    model = sampling.as_stored(model, args.weights_dtype)
   patchilizer = tokenizer.Patchilizer(patch_size=model.cfg.patch_size,
                                       patch_length=model.cfg.patch_length)
   for path in args.files:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from notagen_jax import cpu_matmul
 from notagen_jax import losses
 from notagen_jax import sharding
 
@@ -266,6 +267,9 @@ class KVCache:
 class Block(nnx.Module):
   """A GPT-2 block: pre-LN attention (fused q/k/v) and a 4H GELU(tanh) MLP, dropout on residuals."""
 
+  # How many leading axes of each weight matrix are its input (K) axes.
+  MATRIX_INPUT_AXES = {"qkv": 1, "attn_out": 2, "fc": 1, "proj": 1}
+
   def __init__(self, cfg: ModelConfig, n_layers: int, rngs: nnx.Rngs):
     h, n = cfg.hidden, cfg.heads
     # GPT-2 scales the residual output projections by 1/sqrt(2 * n_layers) at init.
@@ -324,18 +328,23 @@ class Block(nnx.Module):
     place: a single token takes one product with the whole fused q/k/v weight (slicing it, as
     `_project` does, copies the slices at every step), 2-D products elsewhere, and the cache is
     written by an element-wise scatter (a row-wise update copied the whole cache at every step). A
-    prompt (T > 1) takes `_project`, whose numbers match the full forward's. Weights may be stored
-    in bfloat16 (see `inference_matmul`).
+    prompt (T > 1) takes `_project`, whose numbers match the full forward's, unless the weights are
+    stored in bfloat16 or int8 for sampling (see `inference_matmul`).
     """
     b, t, h = x.shape
     n = self.cfg.heads
     positions = start[:, None] + jnp.arange(t)
+    qkv_weight = self.qkv[...]
     if t == 1:
-      qkv = inference_matmul(self.ln_1(x)[:, 0], self.qkv[...].reshape(h, 3 * h))
+      qkv = inference_matmul(self.ln_1(x)[:, 0], qkv_weight.reshape(h, 3 * h))
       qkv = qkv + self.qkv_bias[...].reshape(-1)
       q, k, v = jnp.unstack(qkv.reshape(b, 3, n, 1, HEAD_DIM), axis=1)  # [B, N, T, D]
-    else:
+    elif qkv_weight.dtype == x.dtype:
       q, k, v = (a.transpose(0, 2, 1, 3) for a in self._project(x))
+    else:  # weights stored narrower for sampling: the prompt takes their products too
+      qkv = inference_matmul(self.ln_1(x), qkv_weight.reshape(h, 3 * h))
+      qkv = qkv.reshape(b, t, 3, n, HEAD_DIM) + self.qkv_bias[...]
+      q, k, v = (a.transpose(0, 2, 1, 3) for a in jnp.unstack(qkv, axis=2))
     index = (jnp.arange(b)[:, None, None, None], jnp.arange(n)[:, None, None],
              positions[:, None, :, None], jnp.arange(HEAD_DIM))
     write = lambda c, u: c.at[index].set(u.astype(c.dtype), mode="promise_in_bounds",
@@ -355,13 +364,80 @@ class Block(nnx.Module):
     return x + y.astype(x.dtype), cache
 
 
-def inference_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlock)
+
+
+@flax.struct.dataclass
+class Int8Weight:
+  """A weight matrix stored for sampling as int8 [K, N] with a float32 scale per 32 rows of K.
+
+  Symmetric round-to-nearest per (block of 32 input rows, output column), as llama.cpp's Q8_0 but
+  along the input axis, which keeps GPT-2's outlier input features from setting whole columns'
+  scales. It stands in for the parameter's array: `[...]` and `reshape` to its [K, N] view give
+  itself (the decode path's products take it whole), `astype` gives the dequantized parameter.
+  """
+  values: jax.Array  # int8 [K, N]
+  scales: jax.Array  # float32 [K // QUANT_BLOCK, N]
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the parameter's own shape
+
+  @classmethod
+  def quantize(cls, w: jax.Array, input_axes: int) -> Int8Weight:
+    """w's first `input_axes` axes are K (flattened), the rest N."""
+    k = math.prod(w.shape[:input_axes])
+    if k % QUANT_BLOCK:
+      raise ValueError(f"int8 weights need input size divisible by {QUANT_BLOCK}, got {w.shape}")
+    blocks = w.astype(jnp.float32).reshape(k // QUANT_BLOCK, QUANT_BLOCK, -1)
+    scales = jnp.max(jnp.abs(blocks), axis=1) / 127
+    scales = jnp.where(scales > 0, scales, 1.0)
+    values = jnp.round(blocks / scales[:, None]).astype(jnp.int8).reshape(k, -1)
+    return cls(values, scales, tuple(w.shape))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return self.values.dtype
+
+  def __getitem__(self, index: Any) -> Int8Weight:
+    if index is not Ellipsis:
+      raise TypeError("an Int8Weight is indexed only whole ([...])")
+    return self
+
+  def reshape(self, *shape: int) -> Int8Weight:
+    if shape != self.values.shape:
+      raise ValueError(f"an Int8Weight reshapes only to its [K, N] view {self.values.shape}")
+    return self
+
+  def matrix(self, dtype: jnp.dtype) -> jax.Array:
+    """The dequantized [K, N] view."""
+    blocks = self.values.reshape(self.scales.shape[0], QUANT_BLOCK, -1).astype(jnp.float32)
+    return (blocks * self.scales[:, None]).reshape(self.values.shape).astype(dtype)
+
+  def astype(self, dtype: jnp.dtype) -> jax.Array:
+    return self.matrix(dtype).reshape(self.shape)
+
+
+def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
   """x @ w in x's dtype, with w read as stored and the products summed in float32.
 
-  Generation reads every weight for each token, so weights stored in bfloat16 halve the bytes read.
-  XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at one row.
+  Generation reads every weight for each token, so weights stored in bfloat16 (or int8) cut the
+  bytes read. XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at
+  one row: there a few float32 rows take `cpu_matmul`'s kernels, which widen each weight exactly
+  (x stays float32). Elsewhere int8 weights are dequantized to bfloat16 first.
   """
-  return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+  def xla_dot(x, w):
+    w = w.matrix(jnp.bfloat16) if isinstance(w, Int8Weight) else w
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+  kernel = (cpu_matmul.matmul_int8 if isinstance(w, Int8Weight) else
+            cpu_matmul.matmul if w.dtype == jnp.bfloat16 else None)
+  if (kernel is not None and x.dtype == jnp.float32 and
+      math.prod(x.shape[:-1]) <= cpu_matmul.MAX_ROWS and jax.default_backend() == "cpu" and
+      cpu_matmul.available()):
+    return jax.lax.platform_dependent(x, w, cpu=kernel, default=xla_dot)
+  return xla_dot(x, w)
 
 
 def _run_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array, cfg: ModelConfig,

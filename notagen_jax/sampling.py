@@ -336,16 +336,50 @@ def _grow(state: DecodeState, capacity: int) -> DecodeState:
   return state.replace(cache=[model_lib.KVCache(pad(c.k), pad(c.v)) for c in state.cache])
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def stored_weights(params: nnx.State, dtype: str) -> nnx.State:
+  """The model's parameters with its weight matrices stored in `dtype` (one of WEIGHT_DTYPES)."""
+  if dtype not in WEIGHT_DTYPES:
+    raise ValueError(f"weights dtype {dtype!r} is not one of {WEIGHT_DTYPES}")
+
+  def store(path, p: jax.Array):
+    if p.ndim < 2:  # biases and LayerNorms: a negligible share of the bytes
+      return p
+    name = getattr(path[-2], "key", None)
+    if dtype == "int8" and name in model_lib.Block.MATRIX_INPUT_AXES:
+      return model_lib.Int8Weight.quantize(p, model_lib.Block.MATRIX_INPUT_AXES[name])
+    return p.astype("bfloat16" if dtype == "int8" else dtype)
+
+  return jax.tree_util.tree_map_with_path(store, params)
+
+
+def as_stored(model: model_lib.NotaGen, dtype: str) -> model_lib.NotaGen:
+  """The model with its weights rounded as `stored_weights(.., dtype)` stores them, held in the
+  model's dtype: the distribution that sampling with those weights draws from, for any forward."""
+  graphdef, params = nnx.split(model)
+  back = lambda p, like: p.astype(like.dtype)
+  stored = stored_weights(params, dtype)
+  return nnx.merge(graphdef, jax.tree.map(
+      back, stored, params, is_leaf=lambda p: isinstance(p, model_lib.Int8Weight)))
+
+
 class Sampler:
   """Generates pieces from prompt texts, `batch` rows at a time, with the cached decoders.
 
   Each compiled call draws `patches_per_call` patches for every row; between calls the host reads
   the new patches, finishes pieces, refills free rows and re-encodes full contexts.
 
-  `dtype` is the dtype the weight matrices are read in, cast once here (None: as stored). Every
-  character reads all of the char decoder's weights, so "bfloat16" halves the bytes moved;
-  activations and sums stay in the model's dtype. On a CPU it pays from a few rows up: XLA's
-  bfloat16 dot is ~10x slower than float32 at one row, ~1.2x faster at 8 and ~1.4x at 32.
+  `dtype` is how the weight matrices are stored for sampling, converted once here (None: as
+  stored): one of WEIGHT_DTYPES. Every character reads all of the char decoder's weights, so
+  "bfloat16" halves the bytes moved and "int8" (the blocks' matrices as `model.Int8Weight`, the
+  embeddings in bfloat16) nearly quarters them; activations and sums stay in the model's dtype.
+  bfloat16 rounds each weight to 8 significant bits, int8 to 1/254 of its block's largest: both
+  change the distributions slightly (float32 keeps the original's numbers). On a CPU a few rows
+  take `cpu_matmul`'s kernels (bfloat16 ~2x and int8 ~2.5x float32's speed at batch 1, see
+  benchmarks/generate_throughput.py); larger batches take XLA's dot, where bfloat16 pays and int8
+  is dequantized at every step: use it for batch 1 only.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
@@ -356,8 +390,7 @@ class Sampler:
     self.patches_per_call = patches_per_call
     self.graphdef, self.params = nnx.split(model)
     if dtype is not None:
-      # Vectors (biases, LayerNorm) are a negligible share of the bytes and stay as they are.
-      self.params = jax.tree.map(lambda p: p.astype(dtype) if p.ndim > 1 else p, self.params)
+      self.params = stored_weights(self.params, dtype)
     self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
                                              patch_length=self.cfg.patch_length)
 

@@ -1,0 +1,147 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from notagen_jax import checkpoint
+from notagen_jax import cpu_matmul
+from notagen_jax import model as model_lib
+from notagen_jax import sampling
+
+
+@pytest.fixture(scope="module")
+def kernel():
+  if not cpu_matmul.available():
+    pytest.skip(f"cpu_matmul kernel not built: {cpu_matmul._load()}")
+
+
+def _widened_product(x, w):
+  return np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((2, 3072), 768), ((1, 1, 768), 768),
+                                       ((3, 13), 5), ((1, 4), 1)])
+def test_kernel_equals_float64_product_of_widened_weights(kernel, x_shape, n):
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = jnp.asarray(rng.standard_normal((x_shape[-1], n)), jnp.bfloat16)
+  got = jax.jit(cpu_matmul.matmul)(x, w)
+  assert got.shape == x_shape[:-1] + (n,) and got.dtype == jnp.float32
+  expected = _widened_product(x, w)
+  # float32 sums of K products: error grows like sqrt(K) ulps of the largest partial sum.
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
+                             np.abs(expected).max())
+
+
+def test_int8_weight_rounds_each_block_to_its_largest_over_127():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((2, 32, 3, 5)).astype(np.float32)  # K = 2 x 32 over two input axes
+  w[0, :, 0, 0] = 0.0  # an all-zero block keeps a usable scale
+  q = model_lib.Int8Weight.quantize(jnp.asarray(w), input_axes=2)
+  matrix = w.reshape(64, 15)
+  assert q.values.shape == (64, 15) and q.values.dtype == jnp.int8 and q.scales.shape == (2, 15)
+  np.testing.assert_allclose(q.scales[1], np.abs(matrix[32:]).max(0) / 127, rtol=1e-6)
+  assert np.abs(np.asarray(q.values)).max() == 127
+  error = np.abs(np.asarray(q.matrix(jnp.float32)) - matrix)
+  assert np.all(error <= np.repeat(np.asarray(q.scales), 32, axis=0) / 2 * (1 + 1e-6))
+  np.testing.assert_array_equal(q.astype(jnp.float32), np.asarray(q.matrix(jnp.float32)).reshape(w.shape))
+  assert q[...] is q and q.reshape(64, 15) is q
+  with pytest.raises(ValueError, match="divisible by 32"):
+    model_lib.Int8Weight.quantize(jnp.ones((48, 4)), input_axes=1)
+
+
+@pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((3, 3072), 768), ((1, 1, 64), 20)])
+def test_int8_kernel_equals_float64_product_of_dequantized_weights(kernel, x_shape, n):
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = model_lib.Int8Weight.quantize(jnp.asarray(rng.standard_normal((x_shape[-1], n))), 1)
+  got = jax.jit(cpu_matmul.matmul_int8)(x, w)
+  expected = np.asarray(x, np.float64) @ np.asarray(w.matrix(jnp.float32), np.float64)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
+                             np.abs(expected).max())
+
+
+def test_kernel_rejects_other_dtypes(kernel):
+  with pytest.raises(TypeError, match="bfloat16 w"):
+    cpu_matmul.matmul(jnp.ones((1, 4)), jnp.ones((4, 2)))
+
+
+def _custom_calls(f, *args) -> int:
+  traced = lambda *a: f(*a)  # a fresh function: jit's cache would return an earlier trace
+  return jax.jit(traced).lower(*args).as_text().count(cpu_matmul.TARGET)
+
+
+def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel):
+  w16 = jnp.ones((8, 4), jnp.bfloat16)
+  assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), w16) == 1
+  assert _custom_calls(model_lib.inference_matmul, jnp.ones((cpu_matmul.MAX_ROWS + 1, 8)), w16) == 0
+  assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
+
+
+def test_disabled_kernel_falls_back_to_xla(monkeypatch):
+  monkeypatch.setenv("NOTAGEN_JAX_CPU_MATMUL", "0")
+  cpu_matmul._load.cache_clear()
+  try:
+    assert not cpu_matmul.available()
+    x, w = jnp.ones((1, 8)), jnp.full((8, 4), 0.5, jnp.bfloat16)
+    assert _custom_calls(model_lib.inference_matmul, x, w) == 0
+    np.testing.assert_array_equal(model_lib.inference_matmul(x, w), np.full((1, 4), 4.0))
+  finally:
+    cpu_matmul._load.cache_clear()
+
+
+# The prompt's products round activations to bfloat16 (XLA's fast dot): hidden states agree to
+# about 4e-3 on the tiny model.
+PROMPT_ATOL = 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_narrow_weights_decode_as_the_full_forward_of_the_same_weights(kernel, golden_dir, dtype):
+  """Cached decoding at one row (the kernels) = the float32 forward of the weights as stored."""
+  case = json.loads((golden_dir / "cases.json").read_text())["cases"][1]
+  model = checkpoint.load_model(golden_dir / "tiny.pth")
+  graphdef, state = nnx.split(model)
+  stored = nnx.merge(graphdef, sampling.stored_weights(state, dtype))
+  widened = sampling.as_stored(model, dtype)
+  ids = np.asarray(case["patch_ids"], np.int32)
+  patches, mask = jnp.asarray(ids[None, :30]), jnp.ones((1, 30), jnp.int32)
+  target = ids[30]
+  cfg = model.cfg
+  cache = [model_lib.KVCache.empty(cfg, 1, 32) for _ in range(cfg.patch_layers)]
+  hidden, cache = stored.patch.decode(patches[:, :29], cache, jnp.zeros(1, jnp.int32))
+  np.testing.assert_allclose(
+      hidden[0], widened.patch(patches[:, :29], mask[:, :29], deterministic=True, rngs=None)[0],
+      atol=PROMPT_ATOL)
+  hidden, cache = stored.patch.decode(patches[:, 29:], cache, jnp.full((1,), 29))  # one row
+  char_cache = [model_lib.KVCache.empty(cfg, 1, 16) for _ in range(cfg.char_layers)]
+  expected_hidden = widened.patch(patches, mask, deterministic=True, rngs=None)[:, -1:]
+  np.testing.assert_allclose(hidden, expected_hidden, atol=PROMPT_ATOL)
+  previous = 0
+  for t in range(16):
+    x = stored.char.embed(expected_hidden, jnp.full((1, 1), previous), jnp.full((1, 1), t))
+    logprobs, char_cache = stored.char.decode(x, char_cache, jnp.full((1,), t))
+    if t in (0, 5, 15):
+      prefix = jnp.asarray(target[None, :t])
+      expected = model_lib.next_char_probs(widened, patches, mask, prefix)
+      np.testing.assert_allclose(np.exp(logprobs[0, 0]), expected[0], rtol=1e-4, atol=1e-6)
+    previous = int(target[t])
+
+
+def test_sampler_rejects_an_unknown_weights_dtype(golden_dir):
+  with pytest.raises(ValueError, match="'float16' is not one of"):
+    sampling.Sampler(checkpoint.load_model(golden_dir / "tiny.pth"), dtype="float16")
+
+
+def test_loglik_scores_the_weights_as_stored(golden_dir, tmp_path, capsys):
+  from notagen_jax import loglik  # pylint: disable=import-outside-toplevel
+  case = json.loads((golden_dir / "cases.json").read_text())["cases"][0]
+  piece = tmp_path / "piece.abc"
+  piece.write_text(case["input_text"])
+  nll = {}
+  for dtype in ("float32", "int8"):
+    loglik.main(["--checkpoint", str(golden_dir / "tiny.pth"), "--weights_dtype", dtype, str(piece)])
+    nll[dtype] = json.loads(capsys.readouterr().out)["mean_nll"]
+  assert nll["int8"] != nll["float32"] and abs(nll["int8"] - nll["float32"]) < 0.01 * nll["float32"]
