@@ -1,7 +1,7 @@
 """CPU kernels for x @ w with a few float32 rows and bfloat16 or int8 weights (XLA FFI custom calls).
 
 Batch-1 generation reads every weight once per character, so on a CPU it runs at memory bandwidth:
-bfloat16 weights halve the bytes and int8 ones quarter them, but XLA's CPU dot is ~15x slower on a
+bfloat16 weights halve the bytes and int8 ones quarter them, but XLA's CPU dot is ~8x slower on a
 one-row bfloat16 product than on the float32 one, and has no int8-weight product at all (see
 `benchmarks/cpu_matmul_throughput.py`). `cpu_matmul.cc` streams the matrix once, widening each
 weight exactly (int8 times its block's scale) and summing in float32.
