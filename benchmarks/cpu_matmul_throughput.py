@@ -6,9 +6,11 @@ One jitted chain of `--layers` GPT-2 blocks' four products (q/k/v 768x2304, atte
 MLP 768x3072 and 3072x768; 15 layers = the small model's 3 char layers + 12 patch layers, 212 MB in
 bfloat16, well past the 32 MB L3 cache), each fed the previous one's output so nothing is skipped.
 Per row count: XLA's float32 dot on float32 weights, XLA's dot on bfloat16 weights (x cast to
-bfloat16, float32 sums, as `model.inference_matmul` without the kernel), and `cpu_matmul.matmul`.
-GB/s counts the weight bytes read per chain; the ratio is XLA bfloat16's time over the kernel's,
-measured in the same run. `cpu_matmul.MAX_ROWS` is set from this table.
+bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_matmul.matmul` on
+the same bfloat16 weights and `cpu_matmul.matmul_int8` on them quantized (`model.Int8Weight`).
+GB/s counts the weight bytes read per chain (int8: values and scales); the ratio is XLA
+bfloat16's time over the bfloat16 kernel's, measured in the same run. `cpu_matmul.MAX_ROWS` is set
+from this table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from notagen_jax import cpu_matmul  # noqa: E402
+from notagen_jax import model as model_lib  # noqa: E402
 
 HIDDEN = 768
 
@@ -62,13 +65,16 @@ def main(argv: list[str]) -> None:
   w16 = [[jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in shapes]
          for _ in range(args.layers)]
   w32 = [[w.astype(jnp.float32) for w in layer] for layer in w16]
-  bytes16 = sum(w.nbytes for layer in w16 for w in layer)
+  w8 = [[model_lib.Int8Weight.quantize(w, 1) for w in layer] for layer in w16]
   paths = {
       "xla f32": (_chain(lambda x, w: x @ w), w32),
       "xla bf16": (_chain(lambda x, w: jnp.matmul(x.astype(w.dtype), w,
                                                   preferred_element_type=jnp.float32)), w16),
       "kernel bf16": (_chain(cpu_matmul.matmul), w16),
+      "kernel int8": (_chain(cpu_matmul.matmul_int8), w8),
   }
+  nbytes = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(w)) for name, (_, w) in paths.items()}
+  bytes16 = nbytes["xla bf16"]
   print(f"# {args.layers} layers, {bytes16 / 1e6:.0f} MB of bfloat16 weights, "
         f"{os.cpu_count()} cores, jax {jax.__version__}; ms per chain (GB/s of weights read)")
   header = f"{'rows':>4}" + "".join(f"{name:>22}" for name in paths) + f"{'xla bf16 / kernel':>20}"
@@ -76,9 +82,8 @@ def main(argv: list[str]) -> None:
   for rows in (int(r) for r in args.rows.split(",")):
     x = jnp.asarray(rng.standard_normal((rows, HIDDEN)), jnp.float32)
     times = {name: _seconds(f, x, w, args.repeats) for name, (f, w) in paths.items()}
-    cells = "".join(
-        f"{t * 1e3:>11.2f} ({(2 * bytes16 if name == 'xla f32' else bytes16) / t / 1e9:5.1f} GB/s)"
-        for name, t in times.items())
+    cells = "".join(f"{t * 1e3:>11.2f} ({nbytes[name] / t / 1e9:5.1f} GB/s)"
+                    for name, t in times.items())
     print(f"{rows:>4}{cells}{times['xla bf16'] / times['kernel bf16']:>19.2f}x")
 
 
