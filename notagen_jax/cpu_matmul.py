@@ -1,4 +1,4 @@
-"""CPU kernels for x @ w with a few float32 rows and bfloat16 or int8 weights (XLA FFI custom calls).
+"""CPU kernels (XLA FFI custom calls) for x @ w: a few float32 rows, bfloat16 or int8 weights.
 
 Batch-1 generation reads every weight once per character, so on a CPU it runs at memory bandwidth:
 bfloat16 weights halve the bytes and int8 ones quarter them, but XLA's CPU dot is ~8x slower on a

@@ -39,8 +39,8 @@ _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC
 _WEIGHTS_DTYPE = flags.DEFINE_enum(
     "weights_dtype", "float32", list(sampling.WEIGHT_DTYPES),
     "Weight matrices as stored while sampling (sums in float32; float32 keeps the original's "
-    "numbers). On a CPU: bfloat16 about 2x faster at batch 1 and above, int8 about 2.5x at batch "
-    "1 only.")
+    "numbers). On a CPU: bfloat16 about 2x faster at batch 1 and above, int8 2.5-3.4x at batch 1 "
+    "only.")
 
 
 def main(argv):

@@ -371,9 +371,9 @@ QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlo
 class Int8Weight:
   """A weight matrix stored for sampling as int8 [K, N] with a float32 scale per 32 rows of K.
 
-  Symmetric round-to-nearest per (block of 32 input rows, output column), as llama.cpp's Q8_0 but
-  along the input axis, which keeps GPT-2's outlier input features from setting whole columns'
-  scales. It stands in for the parameter's array: `[...]` and `reshape` to its [K, N] view give
+  Symmetric round-to-nearest per block of 32 input rows and output column, like llama.cpp's Q8_0
+  (blocks along the input axis): an outlying weight sets the scale of 32 weights, not of a whole
+  column. It stands in for the parameter's array: `[...]` and `reshape` to its [K, N] view give
   itself (the decode path's products take it whole), `astype` gives the dequantized parameter.
   """
   values: jax.Array  # int8 [K, N]

@@ -45,9 +45,11 @@ def test_int8_weight_rounds_each_block_to_its_largest_over_127():
   assert q.values.shape == (64, 15) and q.values.dtype == jnp.int8 and q.scales.shape == (2, 15)
   np.testing.assert_allclose(q.scales[1], np.abs(matrix[32:]).max(0) / 127, rtol=1e-6)
   assert np.abs(np.asarray(q.values)).max() == 127
+  assert q.scales[0, 0] == 1.0 and not np.any(np.asarray(q.values)[:32, 0])
   error = np.abs(np.asarray(q.matrix(jnp.float32)) - matrix)
   assert np.all(error <= np.repeat(np.asarray(q.scales), 32, axis=0) / 2 * (1 + 1e-6))
-  np.testing.assert_array_equal(q.astype(jnp.float32), np.asarray(q.matrix(jnp.float32)).reshape(w.shape))
+  np.testing.assert_array_equal(q.astype(jnp.float32),
+                                np.asarray(q.matrix(jnp.float32)).reshape(w.shape))
   assert q[...] is q and q.reshape(64, 15) is q
   with pytest.raises(ValueError, match="divisible by 32"):
     model_lib.Int8Weight.quantize(jnp.ones((48, 4)), input_axes=1)
@@ -142,6 +144,7 @@ def test_loglik_scores_the_weights_as_stored(golden_dir, tmp_path, capsys):
   piece.write_text(case["input_text"])
   nll = {}
   for dtype in ("float32", "int8"):
-    loglik.main(["--checkpoint", str(golden_dir / "tiny.pth"), "--weights_dtype", dtype, str(piece)])
+    loglik.main(["--checkpoint", str(golden_dir / "tiny.pth"), "--weights_dtype", dtype,
+                 str(piece)])
     nll[dtype] = json.loads(capsys.readouterr().out)["mean_nll"]
   assert nll["int8"] != nll["float32"] and abs(nll["int8"] - nll["float32"]) < 0.01 * nll["float32"]
