@@ -1,4 +1,4 @@
-"""The bfloat16 CPU matmul kernel against XLA's dot, on the products one generation step makes.
+"""The CPU matmul kernels against XLA's dot, on the products one generation step makes.
 
   python benchmarks/cpu_matmul_throughput.py [--rows=1,2,3,4,8,32] [--layers=15] [--repeats=30]
 

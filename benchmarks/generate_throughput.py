@@ -17,9 +17,8 @@ Each piece is stopped after 64 patches (`Settings(max_patches=64)`; random weigh
 piece earlier), so every row draws 64 x 16 characters. chars/s counts the characters drawn over
 the whole `Sampler.run` (prompt encoding included), after a first run that compiles; batch B runs
 B copies of the prompt at once (aggregate chars/s). `--dtype` gives one row per Sampler dtype
-(bfloat16: weight matrices read in bfloat16, sums in float32; int8: the blocks' matrices in int8
-with a scale per 32 input rows, the embeddings in bfloat16; at batch 1 on a CPU both take
-`cpu_matmul`'s kernels).
+(the blocks' matrices stored in that dtype, `sampling.stored_weights`; sums in float32; int8 with
+a scale per 32 input rows; at batch 1 on a CPU both narrow dtypes take `cpu_matmul`'s kernels).
 
 Baseline, the original's `inference.py` loop: for every patch the whole patch-level decoder over
 the context, then for every character the char-level decoder over [patch output, chars so far],
@@ -31,7 +30,7 @@ than one (threads spinning at barriers while the other core is taken).
 Limits, measured in the same run (the best seen before and after the rows): memory bandwidth (a
 numpy sum over 512 MB, best of 3) and the peak matmul rate (`model_throughput.peak_meter`'s
 matmuls, in each row's dtype with float32 sums as the sampler's; int8 rows' larger batches
-dequantize to float32, so float32's). Batch 1 is bound by bytes: each
+dequantize to bfloat16, so bfloat16's). Batch 1 is bound by bytes: each
 character reads the char decoder's weights, 1/16 of the patch decoder's, and the used part of both
 KV caches (the sampler reads the whole cache bucket; only the used part is counted). Larger
 batches are bound by the matmul rate: FLOPs = 2 x the matmul parameters per character (char
@@ -225,8 +224,9 @@ def work_per_char(cfg, params, context: float) -> tuple[float, float]:
 
 
 def matmul_dtype(weights_dtype: str) -> str:
-  """The operand dtype of the sampler's products above the kernel's rows: int8 is dequantized."""
-  return "float32" if weights_dtype == "int8" else weights_dtype
+  """The operand dtype of the sampler's products above the kernels' rows: int8 is dequantized to
+  bfloat16 (`model.inference_matmul`)."""
+  return "bfloat16" if weights_dtype == "int8" else weights_dtype
 
 
 def compile_seconds() -> list[float]:

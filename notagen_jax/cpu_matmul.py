@@ -32,6 +32,7 @@ import jaxlib
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 TARGET = "notagen_bf16_matmul"
 INT8_TARGET = "notagen_int8_matmul"
+QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlock)
 # Above this many rows XLA's own bfloat16 dot (with float32 sums) is faster: the kernel re-reads
 # its weight slab from cache once per row (benchmarks/cpu_matmul_throughput.py).
 MAX_ROWS = 4
@@ -97,7 +98,7 @@ def available() -> bool:
 
 @functools.cache
 def _log_unavailable(reason: str) -> None:
-  logging.warning("bfloat16 CPU matmul kernel unavailable, using XLA's dot: %s", reason)
+  logging.warning("CPU matmul kernels unavailable, using XLA's dot: %s", reason)
 
 
 def _call(target: str, x: jax.Array, *operands: jax.Array) -> jax.Array:
@@ -120,7 +121,8 @@ def matmul_int8(x: jax.Array, w) -> jax.Array:
   scales [K / 32, N] float32): each weight is values[k, n] * scales[k // 32, n]. CPU only."""
   values, scales = w.values, w.scales
   if (x.dtype != jnp.float32 or values.dtype != jnp.int8 or values.ndim != 2 or
-      scales.shape != (values.shape[0] // 32, values.shape[1]) or values.shape[0] % 32):
+      scales.shape != (values.shape[0] // QUANT_BLOCK, values.shape[1]) or
+      values.shape[0] % QUANT_BLOCK):
     raise TypeError(f"cpu_matmul.matmul_int8 takes float32 x, int8 values [K, N] (K % 32 == 0) and "
                     f"scales [K / 32, N], got {x.dtype} {x.shape}, {values.dtype} {values.shape}, "
                     f"{scales.shape}")

@@ -364,7 +364,7 @@ class Block(nnx.Module):
     return x + y.astype(x.dtype), cache
 
 
-QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlock)
+QUANT_BLOCK = cpu_matmul.QUANT_BLOCK
 
 
 @flax.struct.dataclass
