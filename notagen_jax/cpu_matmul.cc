@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -47,15 +48,27 @@ inline float Widen(int8_t q) { return float(q); }
 template <typename W>
 constexpr bool kScaled = std::is_same_v<W, int8_t>;
 
-// p[j] += sum over 8 rows i of a[i] * w[i * n + j] (times s[j] for int8), for j in [j0, n).
+// Where weight (i, j) of an 8-row group lies: r[i * row + (j / 16) * tile + j % 16]. bfloat16
+// matrices are row-major (row = n, tile = 16), as XLA's dot takes them at larger batches; int8
+// ones are stored in tiles of 8 rows x 16 columns (row = 16, tile = 128, n % 16 == 0), so that a
+// group is one sequential stream: 8 rows' streams ran at 0.6x the bandwidth on one core.
+struct Layout {
+  int64_t row, tile;
+};
+
+inline int64_t Column(const Layout& layout, int64_t j) { return (j / 16) * layout.tile + j % 16; }
+
+// p[j] += sum over the group's 8 rows i of a[i] * w(i, j) (times s[j] for int8), j in [j0, n).
 template <typename W>
 inline void Group8(const float* a, const W* __restrict__ r, const float* __restrict__ s,
-                   float* __restrict__ p, int64_t n, int64_t j0) {
+                   float* __restrict__ p, int64_t n, int64_t j0, const Layout& layout) {
+  const int64_t row = layout.row;
   for (int64_t j = j0; j < n; ++j) {
-    const float sum = ((a[0] * Widen(r[j]) + a[1] * Widen(r[n + j])) +
-                       (a[2] * Widen(r[2 * n + j]) + a[3] * Widen(r[3 * n + j]))) +
-                      ((a[4] * Widen(r[4 * n + j]) + a[5] * Widen(r[5 * n + j])) +
-                       (a[6] * Widen(r[6 * n + j]) + a[7] * Widen(r[7 * n + j])));
+    const W* c = r + Column(layout, j);
+    const float sum = ((a[0] * Widen(c[0]) + a[1] * Widen(c[row])) +
+                       (a[2] * Widen(c[2 * row]) + a[3] * Widen(c[3 * row]))) +
+                      ((a[4] * Widen(c[4 * row]) + a[5] * Widen(c[5 * row])) +
+                       (a[6] * Widen(c[6 * row]) + a[7] * Widen(c[7 * row])));
     if constexpr (kScaled<W>) {
       p[j] += s[j] * sum;
     } else {
@@ -79,17 +92,19 @@ inline __m512 Widen16(const int8_t* w) {
 
 template <typename W>
 inline void Group8Vector(const float* a, const W* __restrict__ r, const float* __restrict__ s,
-                         float* __restrict__ p, int64_t n) {
+                         float* __restrict__ p, int64_t n, const Layout& layout) {
+  const int64_t row = layout.row;
   __m512 av[8];
   for (int i = 0; i < 8; ++i) av[i] = _mm512_set1_ps(a[i]);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
+    const W* c = r + Column(layout, j);
     // Two chains of four: a shorter dependency path for the out-of-order core to overlap.
-    __m512 low = _mm512_mul_ps(av[0], Widen16(r + j));
-    __m512 high = _mm512_mul_ps(av[4], Widen16(r + 4 * n + j));
+    __m512 low = _mm512_mul_ps(av[0], Widen16(c));
+    __m512 high = _mm512_mul_ps(av[4], Widen16(c + 4 * row));
     for (int i = 1; i < 4; ++i) {
-      low = _mm512_fmadd_ps(av[i], Widen16(r + i * n + j), low);
-      high = _mm512_fmadd_ps(av[4 + i], Widen16(r + (4 + i) * n + j), high);
+      low = _mm512_fmadd_ps(av[i], Widen16(c + i * row), low);
+      high = _mm512_fmadd_ps(av[4 + i], Widen16(c + (4 + i) * row), high);
     }
     const __m512 sum = _mm512_add_ps(low, high);
     const __m512 before = _mm512_loadu_ps(p + j);
@@ -99,26 +114,29 @@ inline void Group8Vector(const float* a, const W* __restrict__ r, const float* _
       _mm512_storeu_ps(p + j, _mm512_add_ps(before, sum));
     }
   }
-  Group8(a, r, s, p, n, j);
+  Group8(a, r, s, p, n, j, layout);
 }
 #else
 template <typename W>
-inline void Group8Vector(const float* a, const W* r, const float* s, float* p, int64_t n) {
-  Group8(a, r, s, p, n, 0);
+inline void Group8Vector(const float* a, const W* r, const float* s, float* p, int64_t n,
+                         const Layout& layout) {
+  Group8(a, r, s, p, n, 0, layout);
 }
 #endif
 
-// part[m, :] += x[m, k0:k1] @ w[k0:k1, :], int8 row k scaled by scales[k / kQuantBlock].
-// k0 and k1 - k0 are multiples of 8, so an 8-row group never straddles two scale blocks.
+// part[m, :] += x[m, k0:k1] @ w[k0:k1, :], int8 row k scaled by scales[k / kQuantBlock]. Each
+// 8-row group takes 8 n contiguous weights in either layout. k0 and k1 - k0 are multiples of 8,
+// so a group never straddles two scale blocks; rows past the last whole group (row-major only,
+// int8's K is a multiple of 32) are summed one by one.
 template <typename W>
 void SumRows(const float* x, const W* w, const float* scales, float* part, int64_t m_rows,
-             int64_t k_dim, int64_t n_dim, int64_t k0, int64_t k1) {
+             int64_t k_dim, int64_t n_dim, int64_t k0, int64_t k1, const Layout& layout) {
   const int64_t n = n_dim;
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) {
     const float* s = kScaled<W> ? scales + (k / kQuantBlock) * n : nullptr;
     for (int64_t m = 0; m < m_rows; ++m) {
-      Group8Vector(x + m * k_dim + k, w + k * n, s, part + m * n, n);
+      Group8Vector(x + m * k_dim + k, w + k * n, s, part + m * n, n, layout);
     }
   }
   for (; k < k1; ++k) {
@@ -131,95 +149,197 @@ void SumRows(const float* x, const W* w, const float* scales, float* part, int64
   }
 }
 
-template <typename W>
-struct Job {
-  const float* x;
-  const W* w;
-  const float* scales;
-  float* y;
-  int64_t m_rows, k_dim, n_dim, slab, slabs, seats;
-  std::unique_ptr<float[]> partials;  // one [M, N] sum per seat after the caller's (y itself)
-  std::unique_ptr<std::atomic<bool>[]> seated;
+// Calls work(seat, item) for every item in [0, count), on the caller and on up to seats - 1 tasks
+// of XLA's intra-op pool, each participant with its own seat in [0, seats); returns when every
+// item is done. Items are claimed from a shared counter, so the caller never waits for a task that
+// has not started: a pool busy elsewhere delays nothing and cannot deadlock. A task that starts
+// late finds no item left and touches only the counters, which it keeps alive.
+struct Counters {
   std::atomic<int64_t> next_seat{0};
-  std::atomic<int64_t> next_slab{0};
+  std::atomic<int64_t> next_item{0};
   std::atomic<int64_t> done{0};
-
-  void Run() {
-    const int64_t seat = next_seat.fetch_add(1);
-    if (seat >= seats) return;
-    float* sum = seat == 0 ? y : partials.get() + (seat - 1) * m_rows * n_dim;
-    bool first = true;
-    for (int64_t s = next_slab.fetch_add(1); s < slabs; s = next_slab.fetch_add(1)) {
-      if (first && seat > 0) {
-        std::fill(sum, sum + m_rows * n_dim, 0.f);
-        seated[seat].store(true, std::memory_order_relaxed);
-        first = false;
-      }
-      SumRows(x, w, scales, sum, m_rows, k_dim, n_dim, s * slab, std::min(k_dim, (s + 1) * slab));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
+
+template <typename Work>
+void ParallelFor(ffi::ThreadPool& pool, int64_t seats, int64_t count, const Work& work) {
+  auto counters = std::make_shared<Counters>();
+  auto run = [counters, count, work = &work] {
+    const int64_t seat = counters->next_seat.fetch_add(1);
+    for (int64_t i = counters->next_item.fetch_add(1); i < count;
+         i = counters->next_item.fetch_add(1)) {
+      (*work)(seat, i);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < seats; ++i) pool.Schedule(decltype(run)(run));
+  run();
+  // Every item is claimed; the ones still running belong to tasks already at work.
+  while (counters->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+int64_t Seats(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 template <typename W>
 ffi::Error Matmul(ffi::ThreadPool& pool, const float* x, int64_t x_elements, const W* w,
-                  int64_t k_dim, int64_t n_dim, const float* scales, float* y) {
-  auto job = std::make_shared<Job<W>>();
-  job->x = x;
-  job->w = w;
-  job->scales = scales;
-  job->y = y;
-  job->m_rows = x_elements / k_dim;
-  job->k_dim = k_dim;
-  job->n_dim = n_dim;
-  job->seats = std::max<int64_t>(1, pool.num_threads());
+                  int64_t k_dim, int64_t n_dim, const float* scales, const Layout& layout,
+                  float* y) {
+  const int64_t m_rows = x_elements / k_dim, seats = Seats(pool), size = m_rows * n_dim;
   // Several slabs per seat: a task woken late still finds work, and none is left to one thread.
-  job->slab = std::max<int64_t>(8, (k_dim / (4 * job->seats)) / 8 * 8);
-  job->slabs = (k_dim + job->slab - 1) / job->slab;
-  const int64_t size = job->m_rows * n_dim;
-  job->partials.reset(new float[(job->seats - 1) * size]);
-  job->seated.reset(new std::atomic<bool>[job->seats]);
-  for (int64_t i = 0; i < job->seats; ++i) job->seated[i].store(false);
+  const int64_t slab = std::max<int64_t>(8, (k_dim / (4 * seats)) / 8 * 8);
+  const int64_t slabs = (k_dim + slab - 1) / slab;
+  // Seat 0 sums into y itself, the others into their own partial sums, added at the end.
+  std::unique_ptr<float[]> partials(new float[(seats - 1) * size]);
+  std::unique_ptr<bool[]> seated(new bool[seats]());
   std::fill(y, y + size, 0.f);  // before any task can start summing into it
-  for (int64_t i = 1; i < job->seats; ++i) pool.Schedule([job] { job->Run(); });
-  job->Run();
-  // Every slab is claimed; the ones still running belong to tasks already at work.
-  while (job->done.load(std::memory_order_acquire) < job->slabs) std::this_thread::yield();
-  for (int64_t seat = 1; seat < job->seats; ++seat) {
-    if (!job->seated[seat].load(std::memory_order_relaxed)) continue;
-    const float* part = job->partials.get() + (seat - 1) * size;
+  ParallelFor(pool, seats, slabs, [&](int64_t seat, int64_t s) {
+    float* sum = seat == 0 ? y : partials.get() + (seat - 1) * size;
+    if (seat > 0 && !seated[seat]) {
+      std::fill(sum, sum + size, 0.f);
+      seated[seat] = true;
+    }
+    SumRows(x, w, scales, sum, m_rows, k_dim, n_dim, s * slab, std::min(k_dim, (s + 1) * slab),
+            layout);
+  });
+  for (int64_t seat = 1; seat < seats; ++seat) {
+    if (!seated[seat]) continue;
+    const float* part = partials.get() + (seat - 1) * size;
     for (int64_t i = 0; i < size; ++i) y[i] += part[i];
   }
   return ffi::Error::Success();
 }
 
-ffi::Error CheckShapes(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims) {
-  if (w_dims.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D");
-  if (x_dims.size() == 0 || x_dims.back() != w_dims[0]) {
-    return ffi::Error::InvalidArgument("x's last dimension must equal w's first");
+// Attention of one query over keys [0, keys) of one head: y = softmax(q . k / sqrt(d)) v.
+// `scores` holds `keys` floats.
+void AttendOneScalar(const float* q, const float* k, const float* v, int64_t keys, int64_t d,
+                     float* scores, float* y) {
+  const float scale = 1.f / std::sqrt(float(d));
+  float top = -INFINITY;
+  for (int64_t s = 0; s < keys; ++s) {
+    float dot = 0.f;
+    for (int64_t c = 0; c < d; ++c) dot += q[c] * k[s * d + c];
+    scores[s] = dot * scale;
+    top = std::max(top, scores[s]);
   }
-  return ffi::Error::Success();
+  float total = 0.f;
+  for (int64_t s = 0; s < keys; ++s) total += scores[s] = std::exp(scores[s] - top);
+  std::fill(y, y + d, 0.f);
+  for (int64_t s = 0; s < keys; ++s) {
+    for (int64_t c = 0; c < d; ++c) y[c] += scores[s] * v[s * d + c];
+  }
+  for (int64_t c = 0; c < d; ++c) y[c] /= total;
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// e^x for x <= 0, to about 1 ulp: 2^n e^f with f in [-ln2 / 2, ln2 / 2] by its Taylor series.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is a float32 zero
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, high bits
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);       // and the rest
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+void AttendOne(const float* q, const float* k, const float* v, int64_t keys, int64_t d,
+               float* scores, float* y) {
+  if (d % 16 != 0) return AttendOneScalar(q, k, v, keys, d, scores, y);
+  const float scale = 1.f / std::sqrt(float(d));
+  float top = -INFINITY;
+  for (int64_t s = 0; s < keys; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + s * d + c), acc);
+    }
+    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[s]);
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s = 0; s < keys; s += 16) {
+    const __mmask16 live = keys - s >= 16 ? 0xFFFF : (__mmask16(1) << (keys - s)) - 1;
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + s),
+                                       _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + s, live, e);
+    total = _mm512_mask_add_ps(total, live, total, e);
+  }
+  const float inverse = 1.f / _mm512_reduce_add_ps(total);
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s = 0; s < keys; ++s) {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[s]), _mm512_loadu_ps(v + s * d + c), acc);
+    }
+    _mm512_storeu_ps(y + c, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
+  }
+}
+#else
+void AttendOne(const float* q, const float* k, const float* v, int64_t keys, int64_t d,
+               float* scores, float* y) {
+  AttendOneScalar(q, k, v, keys, d, scores, y);
+}
+#endif
 
 ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = CheckShapes(x.dimensions(), w.dimensions()); e.failure()) return e;
+  const auto w_dims = w.dimensions();
+  if (w_dims.size() != 2 || x.dimensions().size() == 0 || x.dimensions().back() != w_dims[0]) {
+    return ffi::Error::InvalidArgument("x [..., K] @ w [K, N] needs a 2-D w of K rows");
+  }
+  const int64_t n_dim = w_dims[1];
   return Matmul(pool, x.typed_data(), x.element_count(),
-                reinterpret_cast<const uint16_t*>(w.typed_data()), w.dimensions()[0],
-                w.dimensions()[1], nullptr, y->typed_data());
+                reinterpret_cast<const uint16_t*>(w.typed_data()), w_dims[0], n_dim, nullptr,
+                Layout{n_dim, 16}, y->typed_data());
 }
 
 ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                     ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto e = CheckShapes(x.dimensions(), w.dimensions()); e.failure()) return e;
-  const int64_t k_dim = w.dimensions()[0], n_dim = w.dimensions()[1];
-  const auto s_dims = scales.dimensions();
+  const auto w_dims = w.dimensions(), s_dims = scales.dimensions();
+  if (w_dims.size() != 4 || w_dims[2] != 8 || w_dims[3] != 16) {
+    return ffi::Error::InvalidArgument("int8 w must be tiles [K / 8, N / 16, 8, 16]");
+  }
+  const int64_t k_dim = w_dims[0] * 8, n_dim = w_dims[1] * 16;
+  if (x.dimensions().size() == 0 || x.dimensions().back() != k_dim) {
+    return ffi::Error::InvalidArgument("x's last dimension must be w's K");
+  }
   if (k_dim % kQuantBlock != 0 || s_dims.size() != 2 || s_dims[0] != k_dim / kQuantBlock ||
       s_dims[1] != n_dim) {
     return ffi::Error::InvalidArgument("scales must be [K / 32, N] for w [K, N], K % 32 == 0");
   }
   return Matmul(pool, x.typed_data(), x.element_count(), w.typed_data(), k_dim, n_dim,
-                scales.typed_data(), y->typed_data());
+                scales.typed_data(), Layout{16, 128}, y->typed_data());
+}
+
+// y [B, N, T, D]: query t of row b attends to keys [0, start[b] + t] of the cache k, v
+// [B, N, S, D]; slots past that are never read, so the cost follows the context, not S.
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  const auto q_dims = q.dimensions(), k_dims = k.dimensions();
+  if (q_dims.size() != 4 || k_dims.size() != 4 || v.dimensions().size() != 4 ||
+      !std::equal(k_dims.begin(), k_dims.end(), v.dimensions().begin()) ||
+      q_dims[0] != k_dims[0] || q_dims[1] != k_dims[1] || q_dims[3] != k_dims[3] ||
+      start.dimensions().size() != 1 || start.dimensions()[0] != q_dims[0]) {
+    return ffi::Error::InvalidArgument(
+        "attention takes q [B, N, T, D], k and v [B, N, S, D] and start [B]");
+  }
+  const int64_t heads = q_dims[1], t_dim = q_dims[2], d = q_dims[3], s_dim = k_dims[2];
+  const int32_t* first = start.typed_data();
+  const int64_t seats = Seats(pool);
+  std::unique_ptr<float[]> scores(new float[seats * s_dim]);
+  ParallelFor(pool, seats, q_dims[0] * heads, [&](int64_t seat, int64_t row) {
+    const int64_t b = row / heads;
+    const float* keys = k.typed_data() + row * s_dim * d;
+    const float* values = v.typed_data() + row * s_dim * d;
+    for (int64_t t = 0; t < t_dim; ++t) {
+      const int64_t n_keys = std::clamp<int64_t>(int64_t(first[b]) + t + 1, 1, s_dim);
+      const int64_t at = (row * t_dim + t) * d;
+      AttendOne(q.typed_data() + at, keys, values, n_keys, d, scores.get() + seat * s_dim,
+                y->typed_data() + at);
+    }
+  });
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -237,4 +357,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NotagenInt8Matmul, Int8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NotagenAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

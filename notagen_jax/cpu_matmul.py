@@ -32,7 +32,9 @@ import jaxlib
 SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 TARGET = "notagen_bf16_matmul"
 INT8_TARGET = "notagen_int8_matmul"
+ATTENTION_TARGET = "notagen_attention"
 QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlock)
+TILE_ROWS, TILE_COLUMNS = 8, 16  # int8 weights' tiles (cpu_matmul.cc's Layout)
 # Above this many rows XLA's own bfloat16 dot (with float32 sums) is faster: the kernel re-reads
 # its weight slab from cache once per row (benchmarks/cpu_matmul_throughput.py).
 MAX_ROWS = 4
@@ -80,7 +82,8 @@ def _load() -> str | None:
       logging.info("compiling %s into %s", SOURCE.name, library)
       _compile(compiler, library)
     kernels = ctypes.cdll.LoadLibrary(str(library))
-    handlers = {TARGET: kernels.NotagenBf16Matmul, INT8_TARGET: kernels.NotagenInt8Matmul}
+    handlers = {TARGET: kernels.NotagenBf16Matmul, INT8_TARGET: kernels.NotagenInt8Matmul,
+                ATTENTION_TARGET: kernels.NotagenAttention}
   except (OSError, RuntimeError, AttributeError) as e:
     return str(e)
   for name, handler in handlers.items():
@@ -101,11 +104,14 @@ def _log_unavailable(reason: str) -> None:
   logging.warning("CPU matmul kernels unavailable, using XLA's dot: %s", reason)
 
 
-def _call(target: str, x: jax.Array, *operands: jax.Array) -> jax.Array:
+def _call(target: str, out: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
   if not available():
     raise RuntimeError(f"cpu_matmul kernel unavailable: {_load()}")
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (operands[0].shape[1],), jnp.float32)
-  return jax.ffi.ffi_call(target, out)(x, *operands)
+  return jax.ffi.ffi_call(target, out)(*operands)
+
+
+def _product(x: jax.Array, w: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -113,17 +119,55 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   if x.dtype != jnp.float32 or w.dtype != jnp.bfloat16 or w.ndim != 2:
     raise TypeError(f"cpu_matmul.matmul takes float32 x and 2-D bfloat16 w, got {x.dtype} "
                     f"{x.shape} and {w.dtype} {w.shape}")
-  return _call(TARGET, x, w)
+  return _call(TARGET, _product(x, w), x, w)
 
 
 def matmul_int8(x: jax.Array, w) -> jax.Array:
-  """x [..., K] float32 @ w -> [..., N] float32, for w a `model.Int8Weight` (values [K, N] int8,
-  scales [K / 32, N] float32): each weight is values[k, n] * scales[k // 32, n]. CPU only."""
+  """x [..., K] float32 @ w -> [..., N] float32, for w a `model.Int8Weight` (values int8 in
+  `tile`'s layout, scales [K / 32, N] float32): weight (k, n) is values[k, n] * scales[k // 32, n].
+  CPU only."""
   values, scales = w.values, w.scales
-  if (x.dtype != jnp.float32 or values.dtype != jnp.int8 or values.ndim != 2 or
-      scales.shape != (values.shape[0] // QUANT_BLOCK, values.shape[1]) or
-      values.shape[0] % QUANT_BLOCK):
-    raise TypeError(f"cpu_matmul.matmul_int8 takes float32 x, int8 values [K, N] (K % 32 == 0) and "
-                    f"scales [K / 32, N], got {x.dtype} {x.shape}, {values.dtype} {values.shape}, "
-                    f"{scales.shape}")
-  return _call(INT8_TARGET, x, values, scales.astype(jnp.float32))
+  if (x.dtype != jnp.float32 or values.dtype != jnp.int8 or values.ndim != 4 or
+      values.shape[2:] != (TILE_ROWS, TILE_COLUMNS) or
+      scales.shape != (values.shape[0] * TILE_ROWS // QUANT_BLOCK, values.shape[1] * TILE_COLUMNS)
+      or values.shape[0] * TILE_ROWS % QUANT_BLOCK):
+    raise TypeError(f"cpu_matmul.matmul_int8 takes float32 x, int8 tiles [K / 8, N / 16, 8, 16] "
+                    f"(K % 32 == 0) and scales [K / 32, N], got {x.dtype} {x.shape}, "
+                    f"{values.dtype} {values.shape}, {scales.shape}")
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (scales.shape[1],), jnp.float32)
+  return _call(INT8_TARGET, out, x, values, scales.astype(jnp.float32))
+
+
+def tile(matrix: jax.Array) -> jax.Array:
+  """[K, N] -> int8 kernel layout [K / 8, N / 16, 8, 16]: tile (g, c) holds rows 8g..8g+7 and
+  columns 16c..16c+15, so the kernel's 8-row groups are read as one sequential stream."""
+  k, n = matrix.shape
+  return matrix.reshape(k // TILE_ROWS, TILE_ROWS, n // TILE_COLUMNS, TILE_COLUMNS).transpose(
+      0, 2, 1, 3)
+
+
+def untiled_shape(tiled_shape: tuple[int, ...]) -> tuple[int, int]:
+  return tiled_shape[0] * TILE_ROWS, tiled_shape[1] * TILE_COLUMNS
+
+
+def untile(tiles: jax.Array) -> jax.Array:
+  """The inverse of `tile`."""
+  return tiles.transpose(0, 2, 1, 3).reshape(untiled_shape(tiles.shape))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
+  """Causal attention over a KV cache, reading only the keys each query may see. CPU only.
+
+  q [B, N, T, D], k and v [B, N, S, D] float32, start [B] int32: query t of row b is at position
+  start[b] + t and attends to keys 0..start[b] + t (softmax in float32, scaled by 1/sqrt(D));
+  -> [B, N, T, D] float32. Slots past a row's position are never read, so a step costs what the
+  context holds, not the cache's capacity.
+  """
+  if (q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or
+      q.shape[3] != k.shape[3] or start.shape != q.shape[:1] or
+      {a.dtype for a in (q, k, v)} != {jnp.dtype(jnp.float32)}):
+    raise TypeError(f"cpu_matmul.attention takes float32 q [B, N, T, D], k and v [B, N, S, D] "
+                    f"and start [B], got {q.dtype} {q.shape}, {k.dtype} {k.shape}, "
+                    f"{v.dtype} {v.shape}, {start.shape}")
+  return _call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), q, k, v,
+               start.astype(jnp.int32))

@@ -38,24 +38,36 @@ def test_kernel_equals_float64_product_of_widened_weights(kernel, x_shape, n):
 
 def test_int8_weight_rounds_each_block_to_its_largest_over_127():
   rng = np.random.default_rng(1)
-  w = rng.standard_normal((2, 32, 3, 5)).astype(np.float32)  # K = 2 x 32 over two input axes
+  w = rng.standard_normal((2, 32, 2, 16)).astype(np.float32)  # K = 2 x 32 over two input axes
   w[0, :, 0, 0] = 0.0  # an all-zero block keeps a usable scale
   q = model_lib.Int8Weight.quantize(jnp.asarray(w), input_axes=2)
-  matrix = w.reshape(64, 15)
-  assert q.values.shape == (64, 15) and q.values.dtype == jnp.int8 and q.scales.shape == (2, 15)
+  matrix = w.reshape(64, 32)
+  integers = np.asarray(q.integers())
+  assert q.values.shape == (8, 2, 8, 16) and q.values.dtype == jnp.int8
+  assert integers.shape == (64, 32) and q.scales.shape == (2, 32) and q.matrix_shape == (64, 32)
   np.testing.assert_allclose(q.scales[1], np.abs(matrix[32:]).max(0) / 127, rtol=1e-6)
-  assert np.abs(np.asarray(q.values)).max() == 127
-  assert q.scales[0, 0] == 1.0 and not np.any(np.asarray(q.values)[:32, 0])
+  assert np.abs(integers).max() == 127
+  assert q.scales[0, 0] == 1.0 and not np.any(integers[:32, 0])
   error = np.abs(np.asarray(q.matrix(jnp.float32)) - matrix)
   assert np.all(error <= np.repeat(np.asarray(q.scales), 32, axis=0) / 2 * (1 + 1e-6))
   np.testing.assert_array_equal(q.astype(jnp.float32),
                                 np.asarray(q.matrix(jnp.float32)).reshape(w.shape))
-  assert q[...] is q and q.reshape(64, 15) is q
+  assert q[...] is q and q.reshape(64, 32) is q
   with pytest.raises(ValueError, match="divisible by 32"):
-    model_lib.Int8Weight.quantize(jnp.ones((48, 4)), input_axes=1)
+    model_lib.Int8Weight.quantize(jnp.ones((48, 16)), input_axes=1)
+  with pytest.raises(ValueError, match="divisible by 16"):
+    model_lib.Int8Weight.quantize(jnp.ones((32, 4)), input_axes=1)
 
 
-@pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((3, 3072), 768), ((1, 1, 64), 20)])
+def test_int8_tiles_hold_8_rows_by_16_columns_in_order():
+  matrix = np.arange(32 * 48).reshape(32, 48)
+  tiles = np.asarray(cpu_matmul.tile(jnp.asarray(matrix)))
+  assert tiles.shape == (4, 3, 8, 16)
+  np.testing.assert_array_equal(tiles[1, 2], matrix[8:16, 32:48])
+  np.testing.assert_array_equal(cpu_matmul.untile(tiles), matrix)
+
+
+@pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((3, 3072), 768), ((1, 1, 64), 48)])
 def test_int8_kernel_equals_float64_product_of_dequantized_weights(kernel, x_shape, n):
   rng = np.random.default_rng(n)
   x = rng.standard_normal(x_shape).astype(np.float32)
@@ -64,6 +76,40 @@ def test_int8_kernel_equals_float64_product_of_dequantized_weights(kernel, x_sha
   expected = np.asarray(x, np.float64) @ np.asarray(w.matrix(jnp.float32), np.float64)
   np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
                              np.abs(expected).max())
+
+
+def _attention_float64(q, k, v, start):
+  y = np.zeros(q.shape)
+  for b, n, t in np.ndindex(*q.shape[:3]):
+    keys = min(start[b] + t + 1, k.shape[2])
+    logits = k[b, n, :keys].astype(np.float64) @ q[b, n, t] / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max())
+    y[b, n, t] = weights / weights.sum() @ v[b, n, :keys]
+  return y
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 1, 1024, 64), (3, 2, 4, 40, 64), (2, 3, 2, 9, 5)])
+def test_attention_kernel_equals_float64_softmax_over_the_keys_up_to_each_position(kernel, shape):
+  b, n, t, s, d = shape
+  rng = np.random.default_rng(s)
+  q = rng.standard_normal((b, n, t, d)).astype(np.float32) * 3
+  k, v = (rng.standard_normal((b, n, s, d)).astype(np.float32) for _ in range(2))
+  start = rng.integers(0, s - t, b).astype(np.int32)
+  start[0] = s - t  # the last query sees the whole cache
+  got = jax.jit(cpu_matmul.attention)(q, k, v, start)
+  np.testing.assert_allclose(got, _attention_float64(q, k, v, start), rtol=0, atol=2e-6)
+
+
+def test_cached_attention_takes_the_kernel_for_one_float32_query_on_cpu(kernel):
+  rng = np.random.default_rng(0)
+  cache = model_lib.KVCache(*(jnp.asarray(rng.standard_normal((2, 3, 70, 64)), jnp.float32)
+                              for _ in range(2)))
+  q, start = jnp.asarray(rng.standard_normal((2, 3, 1, 64)), jnp.float32), jnp.array([5, 69])
+  lowered = jax.jit(model_lib.cached_attention).lower(q, cache, start).as_text()
+  assert lowered.count(cpu_matmul.ATTENTION_TARGET) == 1
+  np.testing.assert_allclose(model_lib.cached_attention(q, cache, start),
+                             _attention_float64(*map(np.asarray, (q, cache.k, cache.v, start))),
+                             atol=2e-6)
 
 
 def test_kernel_rejects_other_dtypes(kernel):
