@@ -6,10 +6,10 @@ One jitted chain of `--layers` GPT-2 blocks' four products (q/k/v 768x2304, atte
 MLP 768x3072 and 3072x768; 15 layers = the small model's 3 char layers + 12 patch layers, 212 MB in
 bfloat16, well past the 32 MB L3 cache), each fed the previous one's output so nothing is skipped.
 Per row count: XLA's float32 dot on float32 weights, XLA's dot on bfloat16 weights (x cast to
-bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_matmul.matmul` on
-the same bfloat16 weights and `cpu_matmul.matmul_int8` on them quantized (`model.Int8Weight`).
+bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_kernels.matmul` on
+the same bfloat16 weights and `cpu_kernels.matmul_int8` on them quantized (`model.Int8Weight`).
 GB/s counts the weight bytes read per chain (int8: values and scales); the ratio is XLA
-bfloat16's time over the bfloat16 kernel's, measured in the same run. `cpu_matmul.MAX_ROWS` is set
+bfloat16's time over the bfloat16 kernel's, measured in the same run. `cpu_kernels.MAX_ROWS` is set
 from this table.
 """
 
@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from notagen_jax import cpu_matmul  # noqa: E402
+from notagen_jax import cpu_kernels  # noqa: E402
 from notagen_jax import model as model_lib  # noqa: E402
 
 HIDDEN = 768
@@ -58,8 +58,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--layers", type=int, default=15)
   parser.add_argument("--repeats", type=int, default=30)
   args = parser.parse_args(argv)
-  if not cpu_matmul.available():
-    sys.exit(f"kernel unavailable: {cpu_matmul._load()}")  # pylint: disable=protected-access
+  if not cpu_kernels.available():
+    sys.exit(f"kernel unavailable: {cpu_kernels._load()}")  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   shapes = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN), (4 * HIDDEN, HIDDEN)]
   w16 = [[jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in shapes]
@@ -70,8 +70,8 @@ def main(argv: list[str]) -> None:
       "xla f32": (_chain(lambda x, w: x @ w), w32),
       "xla bf16": (_chain(lambda x, w: jnp.matmul(x.astype(w.dtype), w,
                                                   preferred_element_type=jnp.float32)), w16),
-      "kernel bf16": (_chain(cpu_matmul.matmul), w16),
-      "kernel int8": (_chain(cpu_matmul.matmul_int8), w8),
+      "kernel bf16": (_chain(cpu_kernels.matmul), w16),
+      "kernel int8": (_chain(cpu_kernels.matmul_int8), w8),
   }
   nbytes = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(w)) for name, (_, w) in paths.items()}
   bytes16 = nbytes["xla bf16"]

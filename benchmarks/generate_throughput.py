@@ -18,7 +18,7 @@ piece earlier), so every row draws 64 x 16 characters. chars/s counts the charac
 the whole `Sampler.run` (prompt encoding included), after a first run that compiles; batch B runs
 B copies of the prompt at once (aggregate chars/s). `--dtype` gives one row per Sampler dtype
 (the blocks' matrices stored in that dtype, `sampling.stored_weights`; sums in float32; int8 with
-a scale per 32 input rows; at batch 1 on a CPU both narrow dtypes take `cpu_matmul`'s kernels).
+a scale per 32 input rows; at batch 1 on a CPU both narrow dtypes take `cpu_kernels`'s kernels).
 
 Baseline, the original's `inference.py` loop: for every patch the whole patch-level decoder over
 the context, then for every character the char-level decoder over [patch output, chars so far],

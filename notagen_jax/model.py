@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from notagen_jax import cpu_matmul
+from notagen_jax import cpu_kernels
 from notagen_jax import losses
 from notagen_jax import sharding
 
@@ -362,7 +362,7 @@ def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array) -> jax.Arra
   """Attention of queries q [B, N, T, D] at positions start[b] + t over the cache's keys up to
   each query's position -> [B, N, T, D] in q's dtype.
 
-  A generation step (T = 1, float32) on a CPU takes `cpu_matmul.attention`, which reads only the
+  A generation step (T = 1, float32) on a CPU takes `cpu_kernels.attention`, which reads only the
   filled part of the cache: XLA's version reads every slot of the capacity (a 565-patch context
   in a 1024-slot cache read 1.8x the bytes needed at every patch).
   """
@@ -379,13 +379,13 @@ def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array) -> jax.Arra
     return jnp.einsum("bnts,bnsd->bntd", probs, v.astype(q.dtype))
 
   if (q.shape[2] == 1 and q.dtype == cache.k.dtype == cache.v.dtype == jnp.float32 and
-      jax.default_backend() == "cpu" and cpu_matmul.available()):
-    return jax.lax.platform_dependent(q, cache.k, cache.v, start, cpu=cpu_matmul.attention,
+      jax.default_backend() == "cpu" and cpu_kernels.available()):
+    return jax.lax.platform_dependent(q, cache.k, cache.v, start, cpu=cpu_kernels.attention,
                                       default=xla)
   return xla(q, cache.k, cache.v, start)
 
 
-QUANT_BLOCK = cpu_matmul.QUANT_BLOCK
+QUANT_BLOCK = cpu_kernels.QUANT_BLOCK
 
 
 @flax.struct.dataclass
@@ -394,7 +394,7 @@ class Int8Weight:
 
   Symmetric round-to-nearest per block of 32 input rows and output column, like llama.cpp's Q8_0
   (blocks along the input axis): an outlying weight sets the scale of 32 weights, not of a whole
-  column. The int8 values are kept in `cpu_matmul`'s tiles of 8 rows x 16 columns, which its
+  column. The int8 values are kept in `cpu_kernels`'s tiles of 8 rows x 16 columns, which its
   kernel reads as one sequential stream. It stands in for the parameter's array: `[...]` and
   `reshape` to its [K, N] view give itself (the decode path's products take it whole), `astype`
   gives the dequantized parameter.
@@ -408,14 +408,14 @@ class Int8Weight:
     """w's first `input_axes` axes are K (flattened), the rest N."""
     k = math.prod(w.shape[:input_axes])
     n = w.size // k
-    if k % QUANT_BLOCK or n % cpu_matmul.TILE_COLUMNS:
+    if k % QUANT_BLOCK or n % cpu_kernels.TILE_COLUMNS:
       raise ValueError(f"int8 weights need an input size divisible by {QUANT_BLOCK} and an output "
-                       f"size divisible by {cpu_matmul.TILE_COLUMNS}, got {w.shape} (K {k}, N {n})")
+                       f"size divisible by {cpu_kernels.TILE_COLUMNS}, got {w.shape} (K {k}, N {n})")
     blocks = w.astype(jnp.float32).reshape(k // QUANT_BLOCK, QUANT_BLOCK, n)
     scales = jnp.max(jnp.abs(blocks), axis=1) / 127
     scales = jnp.where(scales > 0, scales, 1.0)
     values = jnp.round(blocks / scales[:, None]).astype(jnp.int8).reshape(k, n)
-    return cls(cpu_matmul.tile(values), scales, tuple(w.shape))
+    return cls(cpu_kernels.tile(values), scales, tuple(w.shape))
 
   @property
   def ndim(self) -> int:
@@ -427,7 +427,7 @@ class Int8Weight:
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
-    return cpu_matmul.untiled_shape(self.values.shape)
+    return cpu_kernels.untiled_shape(self.values.shape)
 
   def __getitem__(self, index: Any) -> Int8Weight:
     if index is not Ellipsis:
@@ -441,7 +441,7 @@ class Int8Weight:
 
   def integers(self) -> jax.Array:
     """The int8 values as a [K, N] matrix."""
-    return cpu_matmul.untile(self.values)
+    return cpu_kernels.untile(self.values)
 
   def matrix(self, dtype: jnp.dtype) -> jax.Array:
     """The dequantized [K, N] view."""
@@ -458,18 +458,18 @@ def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
 
   Generation reads every weight for each token, so weights stored in bfloat16 (or int8) cut the
   bytes read. XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at
-  one row: there a few float32 rows take `cpu_matmul`'s kernels, which widen each weight exactly
+  one row: there a few float32 rows take `cpu_kernels`'s kernels, which widen each weight exactly
   (x stays float32). Elsewhere int8 weights are dequantized to bfloat16 first.
   """
   def xla_dot(x, w):
     w = w.matrix(jnp.bfloat16) if isinstance(w, Int8Weight) else w
     return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
-  kernel = (cpu_matmul.matmul_int8 if isinstance(w, Int8Weight) else
-            cpu_matmul.matmul if w.dtype == jnp.bfloat16 else None)
+  kernel = (cpu_kernels.matmul_int8 if isinstance(w, Int8Weight) else
+            cpu_kernels.matmul if w.dtype == jnp.bfloat16 else None)
   if (kernel is not None and x.dtype == jnp.float32 and
-      math.prod(x.shape[:-1]) <= cpu_matmul.MAX_ROWS and jax.default_backend() == "cpu" and
-      cpu_matmul.available()):
+      math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and
+      cpu_kernels.available()):
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=xla_dot)
   return xla_dot(x, w)
 

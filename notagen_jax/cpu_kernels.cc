@@ -1,17 +1,19 @@
-// y = x @ w for a few float32 rows x [M, K] and a bfloat16 or int8 matrix w [K, N], in float32.
+// XLA FFI kernels for batch-1 sampling on a CPU: y = x @ w for a few float32 rows x [M, K] and a
+// bfloat16 or int8 matrix w [K, N], in float32; and attention of a few queries over a KV cache.
 //
 // Generating one piece reads every weight once per character, so batch-1 sampling is bound by
 // memory bandwidth and narrower weights make it faster; XLA's CPU dot, however, runs a one-row
-// bfloat16 product several times slower than the float32 one and has no int8-weight product. These
-// kernels stream w once: each bfloat16 is widened exactly to float32 (a 16-bit shift), each int8
-// converted exactly and its 8-row group's sum multiplied by the block's float32 scale, so the only
-// rounding is float32 arithmetic. Built by cpu_matmul.py with -O3 -march=native: AVX-512
-// intrinsics where the machine has them, plain loops for the compiler to vectorize elsewhere.
+// bfloat16 product several times slower than the float32 one and has no int8-weight product. The
+// matmul kernels stream w once: each bfloat16 is widened exactly to float32 (a 16-bit shift), each
+// int8 converted exactly and its 8-row group's sum multiplied by the block's float32 scale, so the
+// only rounding is float32 arithmetic. XLA's attention over a cache reads all of its capacity at
+// every step; the attention kernel reads only the keys each query may see.
+// Built by cpu_kernels.py with -O3 -march=native: AVX-512 intrinsics where the machine has them,
+// plain loops for the compiler to vectorize elsewhere.
 //
-// Work is split over K into slabs of contiguous rows (sequential streams for the prefetchers), each
-// participant summing into its own partial result. The caller and the tasks it schedules on XLA's
-// intra-op pool claim slabs from a shared counter, so the caller never waits for a task that has
-// not started: a pool busy elsewhere delays nothing and cannot deadlock.
+// Work is split into items (slabs of contiguous weight rows, each participant summing into its own
+// partial result; one cache row per batch row and head), which the caller and the tasks it
+// schedules on XLA's intra-op pool claim from a shared counter (ParallelFor).
 
 #include <algorithm>
 #include <atomic>

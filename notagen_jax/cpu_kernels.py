@@ -1,16 +1,20 @@
-"""CPU kernels (XLA FFI custom calls) for x @ w: a few float32 rows, bfloat16 or int8 weights.
+"""CPU kernels (XLA FFI custom calls) for batch-1 sampling: x @ w for a few float32 rows with
+bfloat16 or int8 weights, and attention over a KV cache that reads only its filled part.
 
 Batch-1 generation reads every weight once per character, so on a CPU it runs at memory bandwidth:
 bfloat16 weights halve the bytes and int8 ones quarter them, but XLA's CPU dot is ~8x slower on a
 one-row bfloat16 product than on the float32 one, and has no int8-weight product at all (see
-`benchmarks/cpu_matmul_throughput.py`). `cpu_matmul.cc` streams the matrix once, widening each
-weight exactly (int8 times its block's scale) and summing in float32.
+`benchmarks/cpu_matmul_throughput.py`). `cpu_kernels.cc` streams the matrix once, widening each
+weight exactly (int8 times its block's scale) and summing in float32; int8 matrices are kept in
+tiles of 8 rows x 16 columns (`tile`), so that the kernel reads one sequential stream. XLA's
+attention over a cache reads every slot of its capacity (a power of two) at every step; `attention`
+reads the keys up to each query's position only.
 
 The source is compiled on first use with the C++ compiler in $CXX (default g++) and `-march=native`,
 into $NOTAGEN_JAX_CACHE (default ~/.cache/notagen_jax) under a name that hashes the source, jaxlib's
 version, the compiler command and this CPU's model and flags, so a cluster sharing a home directory
-builds once per kind of machine. Without a compiler, or with NOTAGEN_JAX_CPU_MATMUL=0, `available()`
-is False (the reason logged once) and callers keep XLA's dot: the kernel changes speed, not results
+builds once per kind of machine. Without a compiler, or with NOTAGEN_JAX_CPU_KERNELS=0, `available()`
+is False (the reason logged once) and callers keep XLA's ops: the kernels change speed, not results
 beyond float32 summation order.
 """
 
@@ -33,8 +37,8 @@ SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 TARGET = "notagen_bf16_matmul"
 INT8_TARGET = "notagen_int8_matmul"
 ATTENTION_TARGET = "notagen_attention"
-QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_matmul.cc's kQuantBlock)
-TILE_ROWS, TILE_COLUMNS = 8, 16  # int8 weights' tiles (cpu_matmul.cc's Layout)
+QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_kernels.cc's kQuantBlock)
+TILE_ROWS, TILE_COLUMNS = 8, 16  # int8 weights' tiles (cpu_kernels.cc's Layout)
 # Above this many rows XLA's own bfloat16 dot (with float32 sums) is faster: the kernel re-reads
 # its weight slab from cache once per row (benchmarks/cpu_matmul_throughput.py).
 MAX_ROWS = 4
@@ -66,8 +70,8 @@ def _compile(compiler: str, out: pathlib.Path) -> None:
 @functools.cache
 def _load() -> str | None:
   """Builds (once per source and machine), loads and registers the kernel; None, or why not."""
-  if os.environ.get("NOTAGEN_JAX_CPU_MATMUL", "1") == "0":
-    return "disabled by NOTAGEN_JAX_CPU_MATMUL=0"
+  if os.environ.get("NOTAGEN_JAX_CPU_KERNELS", "1") == "0":
+    return "disabled by NOTAGEN_JAX_CPU_KERNELS=0"
   compiler = os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     return f"no C++ compiler {compiler!r} on PATH (set CXX)"
@@ -75,7 +79,7 @@ def _load() -> str | None:
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   cache = pathlib.Path(os.environ.get("NOTAGEN_JAX_CACHE",
                                       pathlib.Path.home() / ".cache" / "notagen_jax"))
-  library = cache / f"cpu_matmul-{key}.so"
+  library = cache / f"cpu_kernels-{key}.so"
   try:
     if not library.exists():
       cache.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ def _load() -> str | None:
 
 
 def available() -> bool:
-  """Whether the kernel is built and registered (building it on the first call)."""
+  """Whether the kernels are built and registered (building them on the first call)."""
   reason = _load()
   if reason is not None:
     _log_unavailable(reason)
@@ -101,12 +105,12 @@ def available() -> bool:
 
 @functools.cache
 def _log_unavailable(reason: str) -> None:
-  logging.warning("CPU matmul kernels unavailable, using XLA's dot: %s", reason)
+  logging.warning("CPU sampling kernels unavailable, using XLA's ops: %s", reason)
 
 
 def _call(target: str, out: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
   if not available():
-    raise RuntimeError(f"cpu_matmul kernel unavailable: {_load()}")
+    raise RuntimeError(f"cpu_kernels unavailable: {_load()}")
   return jax.ffi.ffi_call(target, out)(*operands)
 
 
@@ -117,7 +121,7 @@ def _product(x: jax.Array, w: jax.Array) -> jax.ShapeDtypeStruct:
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., K] float32 @ w [K, N] bfloat16 -> [..., N] float32, summed in float32. CPU only."""
   if x.dtype != jnp.float32 or w.dtype != jnp.bfloat16 or w.ndim != 2:
-    raise TypeError(f"cpu_matmul.matmul takes float32 x and 2-D bfloat16 w, got {x.dtype} "
+    raise TypeError(f"cpu_kernels.matmul takes float32 x and 2-D bfloat16 w, got {x.dtype} "
                     f"{x.shape} and {w.dtype} {w.shape}")
   return _call(TARGET, _product(x, w), x, w)
 
@@ -131,7 +135,7 @@ def matmul_int8(x: jax.Array, w) -> jax.Array:
       values.shape[2:] != (TILE_ROWS, TILE_COLUMNS) or
       scales.shape != (values.shape[0] * TILE_ROWS // QUANT_BLOCK, values.shape[1] * TILE_COLUMNS)
       or values.shape[0] * TILE_ROWS % QUANT_BLOCK):
-    raise TypeError(f"cpu_matmul.matmul_int8 takes float32 x, int8 tiles [K / 8, N / 16, 8, 16] "
+    raise TypeError(f"cpu_kernels.matmul_int8 takes float32 x, int8 tiles [K / 8, N / 16, 8, 16] "
                     f"(K % 32 == 0) and scales [K / 32, N], got {x.dtype} {x.shape}, "
                     f"{values.dtype} {values.shape}, {scales.shape}")
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (scales.shape[1],), jnp.float32)
@@ -166,7 +170,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax
   if (q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or
       q.shape[3] != k.shape[3] or start.shape != q.shape[:1] or
       {a.dtype for a in (q, k, v)} != {jnp.dtype(jnp.float32)}):
-    raise TypeError(f"cpu_matmul.attention takes float32 q [B, N, T, D], k and v [B, N, S, D] "
+    raise TypeError(f"cpu_kernels.attention takes float32 q [B, N, T, D], k and v [B, N, S, D] "
                     f"and start [B], got {q.dtype} {q.shape}, {k.dtype} {k.shape}, "
                     f"{v.dtype} {v.shape}, {start.shape}")
   return _call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), q, k, v,

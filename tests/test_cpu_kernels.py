@@ -7,15 +7,15 @@ import pytest
 from flax import nnx
 
 from notagen_jax import checkpoint
-from notagen_jax import cpu_matmul
+from notagen_jax import cpu_kernels
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
 
 
 @pytest.fixture(scope="module")
 def kernel():
-  if not cpu_matmul.available():
-    pytest.skip(f"cpu_matmul kernel not built: {cpu_matmul._load()}")
+  if not cpu_kernels.available():
+    pytest.skip(f"cpu_kernels not built: {cpu_kernels._load()}")
 
 
 def _widened_product(x, w):
@@ -28,7 +28,7 @@ def test_kernel_equals_float64_product_of_widened_weights(kernel, x_shape, n):
   rng = np.random.default_rng(n)
   x = rng.standard_normal(x_shape).astype(np.float32)
   w = jnp.asarray(rng.standard_normal((x_shape[-1], n)), jnp.bfloat16)
-  got = jax.jit(cpu_matmul.matmul)(x, w)
+  got = jax.jit(cpu_kernels.matmul)(x, w)
   assert got.shape == x_shape[:-1] + (n,) and got.dtype == jnp.float32
   expected = _widened_product(x, w)
   # float32 sums of K products: error grows like sqrt(K) ulps of the largest partial sum.
@@ -61,10 +61,10 @@ def test_int8_weight_rounds_each_block_to_its_largest_over_127():
 
 def test_int8_tiles_hold_8_rows_by_16_columns_in_order():
   matrix = np.arange(32 * 48).reshape(32, 48)
-  tiles = np.asarray(cpu_matmul.tile(jnp.asarray(matrix)))
+  tiles = np.asarray(cpu_kernels.tile(jnp.asarray(matrix)))
   assert tiles.shape == (4, 3, 8, 16)
   np.testing.assert_array_equal(tiles[1, 2], matrix[8:16, 32:48])
-  np.testing.assert_array_equal(cpu_matmul.untile(tiles), matrix)
+  np.testing.assert_array_equal(cpu_kernels.untile(tiles), matrix)
 
 
 @pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((3, 3072), 768), ((1, 1, 64), 48)])
@@ -72,7 +72,7 @@ def test_int8_kernel_equals_float64_product_of_dequantized_weights(kernel, x_sha
   rng = np.random.default_rng(n)
   x = rng.standard_normal(x_shape).astype(np.float32)
   w = model_lib.Int8Weight.quantize(jnp.asarray(rng.standard_normal((x_shape[-1], n))), 1)
-  got = jax.jit(cpu_matmul.matmul_int8)(x, w)
+  got = jax.jit(cpu_kernels.matmul_int8)(x, w)
   expected = np.asarray(x, np.float64) @ np.asarray(w.matrix(jnp.float32), np.float64)
   np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
                              np.abs(expected).max())
@@ -96,7 +96,7 @@ def test_attention_kernel_equals_float64_softmax_over_the_keys_up_to_each_positi
   k, v = (rng.standard_normal((b, n, s, d)).astype(np.float32) for _ in range(2))
   start = rng.integers(0, s - t, b).astype(np.int32)
   start[0] = s - t  # the last query sees the whole cache
-  got = jax.jit(cpu_matmul.attention)(q, k, v, start)
+  got = jax.jit(cpu_kernels.attention)(q, k, v, start)
   np.testing.assert_allclose(got, _attention_float64(q, k, v, start), rtol=0, atol=2e-6)
 
 
@@ -106,7 +106,7 @@ def test_cached_attention_takes_the_kernel_for_one_float32_query_on_cpu(kernel):
                               for _ in range(2)))
   q, start = jnp.asarray(rng.standard_normal((2, 3, 1, 64)), jnp.float32), jnp.array([5, 69])
   lowered = jax.jit(model_lib.cached_attention).lower(q, cache, start).as_text()
-  assert lowered.count(cpu_matmul.ATTENTION_TARGET) == 1
+  assert lowered.count(cpu_kernels.ATTENTION_TARGET) == 1
   np.testing.assert_allclose(model_lib.cached_attention(q, cache, start),
                              _attention_float64(*map(np.asarray, (q, cache.k, cache.v, start))),
                              atol=2e-6)
@@ -114,31 +114,31 @@ def test_cached_attention_takes_the_kernel_for_one_float32_query_on_cpu(kernel):
 
 def test_kernel_rejects_other_dtypes(kernel):
   with pytest.raises(TypeError, match="bfloat16 w"):
-    cpu_matmul.matmul(jnp.ones((1, 4)), jnp.ones((4, 2)))
+    cpu_kernels.matmul(jnp.ones((1, 4)), jnp.ones((4, 2)))
 
 
 def _custom_calls(f, *args) -> int:
   traced = lambda *a: f(*a)  # a fresh function: jit's cache would return an earlier trace
-  return jax.jit(traced).lower(*args).as_text().count(cpu_matmul.TARGET)
+  return jax.jit(traced).lower(*args).as_text().count(cpu_kernels.TARGET)
 
 
 def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel):
   w16 = jnp.ones((8, 4), jnp.bfloat16)
   assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), w16) == 1
-  assert _custom_calls(model_lib.inference_matmul, jnp.ones((cpu_matmul.MAX_ROWS + 1, 8)), w16) == 0
+  assert _custom_calls(model_lib.inference_matmul, jnp.ones((cpu_kernels.MAX_ROWS + 1, 8)), w16) == 0
   assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
 
 
 def test_disabled_kernel_falls_back_to_xla(monkeypatch):
-  monkeypatch.setenv("NOTAGEN_JAX_CPU_MATMUL", "0")
-  cpu_matmul._load.cache_clear()
+  monkeypatch.setenv("NOTAGEN_JAX_CPU_KERNELS", "0")
+  cpu_kernels._load.cache_clear()
   try:
-    assert not cpu_matmul.available()
+    assert not cpu_kernels.available()
     x, w = jnp.ones((1, 8)), jnp.full((8, 4), 0.5, jnp.bfloat16)
     assert _custom_calls(model_lib.inference_matmul, x, w) == 0
     np.testing.assert_array_equal(model_lib.inference_matmul(x, w), np.full((1, 4), 4.0))
   finally:
-    cpu_matmul._load.cache_clear()
+    cpu_kernels._load.cache_clear()
 
 
 # The prompt's products round activations to bfloat16 (XLA's fast dot): hidden states agree to
