@@ -32,7 +32,8 @@ numpy sum over 512 MB, best of 3) and the peak matmul rate (`model_throughput.pe
 matmuls, in each row's dtype with float32 sums as the sampler's; int8 rows' larger batches
 dequantize to bfloat16, so bfloat16's). Batch 1 is bound by bytes: each
 character reads the char decoder's weights, 1/16 of the patch decoder's, and the used part of both
-KV caches (the sampler reads the whole cache bucket; only the used part is counted). Larger
+KV caches (on a CPU `cpu_kernels.attention` reads no more; elsewhere XLA reads the whole cache
+bucket). Over 100% means some weights came from cache memory rather than DRAM. Larger
 batches are bound by the matmul rate: FLOPs = 2 x the matmul parameters per character (char
 decoder and LM head, 1/16 of the patch decoder and its input Linear) plus the attention over the
 used cache, times the aggregate chars/s. Compile time (JAX's compile events during the first run)
