@@ -137,6 +137,18 @@ def test_disabled_kernel_falls_back_to_xla(monkeypatch):
     x, w = jnp.ones((1, 8)), jnp.full((8, 4), 0.5, jnp.bfloat16)
     assert _custom_calls(model_lib.inference_matmul, x, w) == 0
     np.testing.assert_array_equal(model_lib.inference_matmul(x, w), np.full((1, 4), 4.0))
+    w8 = model_lib.Int8Weight.quantize(jnp.full((32, 16), 0.5), 1)
+    np.testing.assert_array_equal(model_lib.inference_matmul(jnp.ones((1, 32)), w8),
+                                  np.full((1, 16), 16.0))
+    rng = np.random.default_rng(0)
+    cache = model_lib.KVCache(*(jnp.asarray(rng.standard_normal((1, 2, 8, 64)), jnp.float32)
+                                for _ in range(2)))
+    q, start = jnp.asarray(rng.standard_normal((1, 2, 1, 64)), jnp.float32), jnp.array([3])
+    lowered = jax.jit(lambda *a: model_lib.cached_attention(*a)).lower(q, cache, start)
+    assert cpu_kernels.ATTENTION_TARGET not in lowered.as_text()
+    np.testing.assert_allclose(model_lib.cached_attention(q, cache, start),
+                               _attention_float64(*map(np.asarray, (q, cache.k, cache.v, start))),
+                               atol=2e-6)
   finally:
     cpu_kernels._load.cache_clear()
 
