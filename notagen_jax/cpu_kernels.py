@@ -13,9 +13,9 @@ reads the keys up to each query's position only.
 The source is compiled on first use with the C++ compiler in $CXX (default g++) and `-march=native`,
 into $NOTAGEN_JAX_CACHE (default ~/.cache/notagen_jax) under a name that hashes the source, jaxlib's
 version, the compiler command and this CPU's model and flags, so a cluster sharing a home directory
-builds once per kind of machine. Without a compiler, or with NOTAGEN_JAX_CPU_KERNELS=0, `available()`
-is False (the reason logged once) and callers keep XLA's ops: the kernels change speed, not results
-beyond float32 summation order.
+builds once per kind of machine. Without a compiler, or with NOTAGEN_JAX_CPU_KERNELS=0,
+`available()` is False (the reason logged once) and callers keep XLA's ops: the kernels change
+speed, not results beyond float32 summation order.
 """
 
 import ctypes

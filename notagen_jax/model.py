@@ -410,7 +410,8 @@ class Int8Weight:
     n = w.size // k
     if k % QUANT_BLOCK or n % cpu_kernels.TILE_COLUMNS:
       raise ValueError(f"int8 weights need an input size divisible by {QUANT_BLOCK} and an output "
-                       f"size divisible by {cpu_kernels.TILE_COLUMNS}, got {w.shape} (K {k}, N {n})")
+                       f"size divisible by {cpu_kernels.TILE_COLUMNS}, got {w.shape} "
+                       f"(K {k}, N {n})")
     blocks = w.astype(jnp.float32).reshape(k // QUANT_BLOCK, QUANT_BLOCK, n)
     scales = jnp.max(jnp.abs(blocks), axis=1) / 127
     scales = jnp.where(scales > 0, scales, 1.0)
@@ -527,7 +528,7 @@ class PatchDecoder(nnx.Module):
     """The original's Linear over the flattened one-hot patch; its 16 terms summed in float32.
 
     With `gather` the 16 rows are gathered and summed (inference: no gradient needed; a 512-patch
-    prompt's one-hot product took 8 ms on a 2-core CPU, this 2 ms, with the same sums there).
+    prompt's one-hot product took 8 ms on a 2-core CPU, this 2 ms, and its sums came out equal).
     """
     dt = jnp.dtype(self.cfg.dtype)
     if gather:

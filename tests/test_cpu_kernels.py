@@ -125,7 +125,8 @@ def _custom_calls(f, *args) -> int:
 def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel):
   w16 = jnp.ones((8, 4), jnp.bfloat16)
   assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), w16) == 1
-  assert _custom_calls(model_lib.inference_matmul, jnp.ones((cpu_kernels.MAX_ROWS + 1, 8)), w16) == 0
+  too_many = jnp.ones((cpu_kernels.MAX_ROWS + 1, 8))
+  assert _custom_calls(model_lib.inference_matmul, too_many, w16) == 0
   assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
 
 
