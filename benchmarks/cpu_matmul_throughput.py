@@ -7,10 +7,11 @@ MLP 768x3072 and 3072x768; 15 layers = the small model's 3 char layers + 12 patc
 bfloat16, well past the 32 MB L3 cache), each fed the previous one's output so nothing is skipped.
 Per row count: XLA's float32 dot on float32 weights, XLA's dot on bfloat16 weights (x cast to
 bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_kernels.matmul` on
-the same bfloat16 weights and `cpu_kernels.matmul_int8` on them quantized (`model.Int8Weight`).
-GB/s counts the weight bytes read per chain (int8: values and scales); the ratio is XLA
-bfloat16's time over the bfloat16 kernel's, measured in the same run. `cpu_kernels.MAX_ROWS` is set
-from this table.
+the same bfloat16 weights, `cpu_kernels.matmul_int8` on them quantized (`model.Int8Weight`) and
+`cpu_kernels.matmul_column_blocks` on the float32 weights in column blocks (what the sampler keeps
+on a CPU, `model.ColumnBlockWeight`). GB/s counts the weight bytes read per chain (int8: values
+and scales); the ratios are XLA bfloat16's time over the bfloat16 kernel's (`cpu_kernels.MAX_ROWS`
+is set from it) and XLA float32's over the column-block kernel's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -72,19 +73,23 @@ def main(argv: list[str]) -> None:
                                                   preferred_element_type=jnp.float32)), w16),
       "kernel bf16": (_chain(cpu_kernels.matmul), w16),
       "kernel int8": (_chain(cpu_kernels.matmul_int8), w8),
+      "kernel f32 blocks": (_chain(cpu_kernels.matmul_column_blocks),
+                            [[cpu_kernels.column_blocks(w) for w in layer] for layer in w32]),
   }
   nbytes = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(w)) for name, (_, w) in paths.items()}
   bytes16 = nbytes["xla bf16"]
   print(f"# {args.layers} layers, {bytes16 / 1e6:.0f} MB of bfloat16 weights, "
         f"{os.cpu_count()} cores, jax {jax.__version__}; ms per chain (GB/s of weights read)")
-  header = f"{'rows':>4}" + "".join(f"{name:>22}" for name in paths) + f"{'xla bf16 / kernel':>20}"
+  header = (f"{'rows':>4}" + "".join(f"{name:>22}" for name in paths) +
+            f"{'xla bf16 / kernel':>20}{'xla f32 / blocks':>18}")
   print(header + "\n" + "-" * len(header))
   for rows in (int(r) for r in args.rows.split(",")):
     x = jnp.asarray(rng.standard_normal((rows, HIDDEN)), jnp.float32)
     times = {name: _seconds(f, x, w, args.repeats) for name, (f, w) in paths.items()}
     cells = "".join(f"{t * 1e3:>11.2f} ({nbytes[name] / t / 1e9:5.1f} GB/s)"
                     for name, t in times.items())
-    print(f"{rows:>4}{cells}{times['xla bf16'] / times['kernel bf16']:>19.2f}x")
+    print(f"{rows:>4}{cells}{times['xla bf16'] / times['kernel bf16']:>19.2f}x"
+          f"{times['xla f32'] / times['kernel f32 blocks']:>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""CPU kernels (XLA FFI custom calls) for batch-1 sampling: x @ w for a few float32 rows with
-bfloat16 or int8 weights, and attention over a KV cache that reads only its filled part.
+"""CPU kernels (XLA FFI custom calls) for sampling: x @ w for a few float32 rows with bfloat16 or
+int8 weights, x @ w for float32 weights in column blocks at any number of rows, and attention over
+a KV cache that reads only its filled part.
 
 Batch-1 generation reads every weight once per character, so on a CPU it runs at memory bandwidth:
 bfloat16 weights halve the bytes and int8 ones quarter them, but XLA's CPU dot is ~8x slower on a
 one-row bfloat16 product than on the float32 one, and has no int8-weight product at all (see
 `benchmarks/cpu_matmul_throughput.py`). `cpu_kernels.cc` streams the matrix once, widening each
 weight exactly (int8 times its block's scale) and summing in float32; int8 matrices are kept in
-tiles of 8 rows x 16 columns (`tile`), so that the kernel reads one sequential stream. XLA's
-attention over a cache reads every slot of its capacity (a power of two) at every step; `attention`
-reads the keys up to each query's position only.
+tiles of 8 rows x 16 columns (`tile`), so that the kernel reads one sequential stream. float32
+weights kept in column blocks (`column_blocks`) are multiplied by `matmul_column_blocks` faster than
+by XLA's dot from one row to a batch (its row-major reads are short and strided). XLA's attention
+over a cache reads every slot of its capacity (a power of two) at every step; `attention` reads the
+keys up to each query's position only.
 
 The source is compiled on first use with the C++ compiler in $CXX (default g++) and `-march=native`,
 into $NOTAGEN_JAX_CACHE (default ~/.cache/notagen_jax) under a name that hashes the source, jaxlib's
@@ -37,8 +40,10 @@ SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 TARGET = "notagen_bf16_matmul"
 INT8_TARGET = "notagen_int8_matmul"
 ATTENTION_TARGET = "notagen_attention"
+COLUMN_BLOCKS_TARGET = "notagen_column_blocks_matmul"
 QUANT_BLOCK = 32  # input rows sharing one int8 scale (cpu_kernels.cc's kQuantBlock)
 TILE_ROWS, TILE_COLUMNS = 8, 16  # int8 weights' tiles (cpu_kernels.cc's Layout)
+COLUMN_BLOCK = 16  # float32 weights' column blocks (cpu_kernels.cc's ColumnBlocks)
 # Above this many rows XLA's own bfloat16 dot (with float32 sums) is faster: the kernel re-reads
 # its weight slab from cache once per row (benchmarks/cpu_matmul_throughput.py).
 MAX_ROWS = 4
@@ -87,7 +92,8 @@ def _load() -> str | None:
       _compile(compiler, library)
     kernels = ctypes.cdll.LoadLibrary(str(library))
     handlers = {TARGET: kernels.NotagenBf16Matmul, INT8_TARGET: kernels.NotagenInt8Matmul,
-                ATTENTION_TARGET: kernels.NotagenAttention}
+                ATTENTION_TARGET: kernels.NotagenAttention,
+                COLUMN_BLOCKS_TARGET: kernels.NotagenColumnBlocksMatmul}
   except (OSError, RuntimeError, AttributeError) as e:
     return str(e)
   for name, handler in handlers.items():
@@ -157,6 +163,31 @@ def untiled_shape(tiled_shape: tuple[int, ...]) -> tuple[int, int]:
 def untile(tiles: jax.Array) -> jax.Array:
   """The inverse of `tile`."""
   return tiles.transpose(0, 2, 1, 3).reshape(untiled_shape(tiles.shape))
+
+
+def matmul_column_blocks(x: jax.Array, blocks: jax.Array) -> jax.Array:
+  """x [..., K] float32 @ w -> [..., N] float32 for w float32 in `column_blocks`' layout, any
+  number of rows (batched decoding: XLA's CPU dot reaches ~60% of the FMA peak at 32 rows, where
+  this reads each weight once, in sequential streams, and reuses it from cache for every 8 rows).
+  CPU only."""
+  if (x.dtype != jnp.float32 or blocks.dtype != jnp.float32 or blocks.ndim != 3 or
+      blocks.shape[2] != COLUMN_BLOCK or x.shape[-1] != blocks.shape[1]):
+    raise TypeError(f"cpu_kernels.matmul_column_blocks takes float32 x [..., K] and float32 "
+                    f"blocks [N / 16, K, 16], got {x.dtype} {x.shape}, {blocks.dtype} "
+                    f"{blocks.shape}")
+  out = jax.ShapeDtypeStruct(x.shape[:-1] + (blocks.shape[0] * COLUMN_BLOCK,), jnp.float32)
+  return _call(COLUMN_BLOCKS_TARGET, out, x, blocks)
+
+
+def column_blocks(matrix: jax.Array) -> jax.Array:
+  """[K, N] -> [N / 16, K, 16]: block c holds columns 16c..16c+15 of every row."""
+  k, n = matrix.shape
+  return matrix.reshape(k, n // COLUMN_BLOCK, COLUMN_BLOCK).transpose(1, 0, 2)
+
+
+def from_column_blocks(blocks: jax.Array) -> jax.Array:
+  """The inverse of `column_blocks`."""
+  return blocks.transpose(1, 0, 2).reshape(blocks.shape[1], -1)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:

@@ -329,7 +329,7 @@ class Block(nnx.Module):
     `_project` does, copies the slices at every step), 2-D products elsewhere, and the cache is
     written by an element-wise scatter (a row-wise update copied the whole cache at every step). A
     prompt (T > 1) takes `_project`, whose numbers match the full forward's, unless the weights are
-    stored in bfloat16 or int8 for sampling (see `inference_matmul`).
+    stored for sampling (narrower, or in column blocks: see `inference_matmul`).
     """
     b, t, h = x.shape
     n = self.cfg.heads
@@ -339,9 +339,9 @@ class Block(nnx.Module):
       qkv = inference_matmul(self.ln_1(x)[:, 0], qkv_weight.reshape(h, 3 * h))
       qkv = qkv + self.qkv_bias[...].reshape(-1)
       q, k, v = jnp.unstack(qkv.reshape(b, 3, n, 1, HEAD_DIM), axis=1)  # [B, N, T, D]
-    elif qkv_weight.dtype == x.dtype:
+    elif isinstance(qkv_weight, jax.Array) and qkv_weight.dtype == x.dtype:
       q, k, v = (a.transpose(0, 2, 1, 3) for a in self._project(x))
-    else:  # weights stored narrower for sampling: the prompt takes their products too
+    else:  # weights stored for sampling (narrower, or in blocks): the prompt takes their products
       qkv = inference_matmul(self.ln_1(x), qkv_weight.reshape(h, 3 * h))
       qkv = qkv.reshape(b, t, 3, n, HEAD_DIM) + self.qkv_bias[...]
       q, k, v = (a.transpose(0, 2, 1, 3) for a in jnp.unstack(qkv, axis=2))
@@ -388,16 +388,39 @@ def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array) -> jax.Arra
 QUANT_BLOCK = cpu_kernels.QUANT_BLOCK
 
 
+class _StoredMatrix:
+  """A weight matrix stored for sampling in a kernel's layout; it stands in for the parameter's
+  array: `[...]` and `reshape` to its [K, N] view give itself (the decode path's products take it
+  whole), `astype` gives the parameter, `matrix` its [K, N] view. Subclasses have `shape` (the
+  parameter's own), `matrix_shape` and `matrix`."""
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __getitem__(self, index: Any) -> _StoredMatrix:
+    if index is not Ellipsis:
+      raise TypeError(f"a {type(self).__name__} is indexed only whole ([...])")
+    return self
+
+  def reshape(self, *shape: int) -> _StoredMatrix:
+    if shape != self.matrix_shape:
+      raise ValueError(f"a {type(self).__name__} reshapes only to its [K, N] view "
+                       f"{self.matrix_shape}")
+    return self
+
+  def astype(self, dtype: jnp.dtype) -> jax.Array:
+    return self.matrix(dtype).reshape(self.shape)
+
+
 @flax.struct.dataclass
-class Int8Weight:
+class Int8Weight(_StoredMatrix):
   """A weight matrix stored for sampling as int8 [K, N] with a float32 scale per 32 rows of K.
 
   Symmetric round-to-nearest per block of 32 input rows and output column, like llama.cpp's Q8_0
   (blocks along the input axis): an outlying weight sets the scale of 32 weights, not of a whole
-  column. The int8 values are kept in `cpu_kernels`'s tiles of 8 rows x 16 columns, which its
-  kernel reads as one sequential stream. It stands in for the parameter's array: `[...]` and
-  `reshape` to its [K, N] view give itself (the decode path's products take it whole), `astype`
-  gives the dequantized parameter.
+  column. The int8 values are kept in `cpu_kernels`' tiles of 8 rows x 16 columns, which its
+  kernel reads as one sequential stream.
   """
   values: jax.Array  # int8 [K / 8, N / 16, 8, 16]: tile (g, c) holds rows 8g.., columns 16c..
   scales: jax.Array  # float32 [K // QUANT_BLOCK, N]
@@ -419,26 +442,12 @@ class Int8Weight:
     return cls(cpu_kernels.tile(values), scales, tuple(w.shape))
 
   @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
   def dtype(self) -> jnp.dtype:
     return self.values.dtype
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
     return cpu_kernels.untiled_shape(self.values.shape)
-
-  def __getitem__(self, index: Any) -> Int8Weight:
-    if index is not Ellipsis:
-      raise TypeError("an Int8Weight is indexed only whole ([...])")
-    return self
-
-  def reshape(self, *shape: int) -> Int8Weight:
-    if shape != self.matrix_shape:
-      raise ValueError(f"an Int8Weight reshapes only to its [K, N] view {self.matrix_shape}")
-    return self
 
   def integers(self) -> jax.Array:
     """The int8 values as a [K, N] matrix."""
@@ -450,26 +459,58 @@ class Int8Weight:
     blocks = self.integers().reshape(k // QUANT_BLOCK, QUANT_BLOCK, n).astype(jnp.float32)
     return (blocks * self.scales[:, None]).reshape(k, n).astype(dtype)
 
-  def astype(self, dtype: jnp.dtype) -> jax.Array:
-    return self.matrix(dtype).reshape(self.shape)
+
+@flax.struct.dataclass
+class ColumnBlockWeight(_StoredMatrix):
+  """A float32 weight matrix [K, N] kept for CPU sampling in `cpu_kernels.column_blocks`' layout
+  [N / 16, K, 16], for `cpu_kernels.matmul_column_blocks`: the same numbers, a faster product at
+  every batch size (see that function)."""
+  blocks: jax.Array  # float32 [N / 16, K, 16]
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the parameter's own shape
+
+  @classmethod
+  def of(cls, w: jax.Array, input_axes: int) -> ColumnBlockWeight:
+    """w's first `input_axes` axes are K (flattened), the rest N (a multiple of 16)."""
+    k = math.prod(w.shape[:input_axes])
+    if (w.size // k) % cpu_kernels.COLUMN_BLOCK:
+      raise ValueError(f"column blocks need an output size divisible by "
+                       f"{cpu_kernels.COLUMN_BLOCK}, got {w.shape}")
+    return cls(cpu_kernels.column_blocks(w.reshape(k, -1)), tuple(w.shape))
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return self.blocks.dtype
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    return self.blocks.shape[1], self.blocks.shape[0] * cpu_kernels.COLUMN_BLOCK
+
+  def matrix(self, dtype: jnp.dtype) -> jax.Array:
+    return cpu_kernels.from_column_blocks(self.blocks).astype(dtype)
 
 
-def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
+def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight | ColumnBlockWeight) -> jax.Array:
   """x @ w in x's dtype, with w read as stored and the products summed in float32.
 
   Generation reads every weight for each token, so weights stored in bfloat16 (or int8) cut the
   bytes read. XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at
-  one row: there a few float32 rows take `cpu_kernels`'s kernels, which widen each weight exactly
-  (x stays float32). Elsewhere int8 weights are dequantized to bfloat16 first.
+  one row: there a few float32 rows take `cpu_kernels`' kernels, which widen each weight exactly
+  (x stays float32). Elsewhere int8 weights are dequantized to bfloat16 first. float32 weights
+  kept in column blocks take their kernel at any number of rows.
   """
   def xla_dot(x, w):
-    w = w.matrix(jnp.bfloat16) if isinstance(w, Int8Weight) else w
+    if isinstance(w, _StoredMatrix):
+      w = w.matrix(jnp.bfloat16 if isinstance(w, Int8Weight) else w.dtype)
     return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
-  kernel = (cpu_kernels.matmul_int8 if isinstance(w, Int8Weight) else
-            cpu_kernels.matmul if w.dtype == jnp.bfloat16 else None)
-  if (kernel is not None and x.dtype == jnp.float32 and
-      math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and
+  few_rows = math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS
+  if isinstance(w, ColumnBlockWeight):
+    kernel = lambda x, w: cpu_kernels.matmul_column_blocks(x, w.blocks)
+  elif isinstance(w, Int8Weight):
+    kernel = cpu_kernels.matmul_int8 if few_rows else None
+  else:
+    kernel = cpu_kernels.matmul if w.dtype == jnp.bfloat16 and few_rows else None
+  if (kernel is not None and x.dtype == jnp.float32 and jax.default_backend() == "cpu" and
       cpu_kernels.available()):
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=xla_dot)
   return xla_dot(x, w)

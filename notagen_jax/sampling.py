@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from notagen_jax import cpu_kernels
 from notagen_jax import model as model_lib
 from notagen_jax.data import tokenizer
 
@@ -357,6 +359,26 @@ def stored_weights(params: nnx.State, dtype: str) -> nnx.State:
   return jax.tree_util.tree_map_with_path(store, params)
 
 
+def _cpu_layout(params: nnx.State, cfg: model_lib.ModelConfig) -> nnx.State:
+  """params with the blocks' float32 matrices as `model.ColumnBlockWeight`s when sampling runs on
+  a CPU with `cpu_kernels` built: the same numbers, in the layout of the kernel that multiplies
+  them at any number of rows (1.3x XLA's dot at one row, 2.1x at 8, 1.4x at 32, `benchmarks/
+  cpu_matmul_throughput.py`)."""
+  if (jnp.dtype(cfg.dtype) != jnp.float32 or jax.default_backend() != "cpu" or
+      not cpu_kernels.available()):
+    return params
+
+  def convert(path, p):
+    input_axes = model_lib.Block.MATRIX_INPUT_AXES.get(getattr(path[-2], "key", None))
+    if (input_axes is None or not isinstance(p, jax.Array) or p.dtype != jnp.float32 or
+        (p.size // math.prod(p.shape[:input_axes])) % cpu_kernels.COLUMN_BLOCK):
+      return p
+    return model_lib.ColumnBlockWeight.of(p, input_axes)
+
+  return jax.tree_util.tree_map_with_path(
+      convert, params, is_leaf=lambda p: isinstance(p, model_lib.Int8Weight))
+
+
 def _dequantized_patch_decoder(params: nnx.State) -> nnx.State:
   """params with the patch decoder's int8 matrices dequantized to bfloat16, for prompts.
 
@@ -396,9 +418,10 @@ class Sampler:
   model's dtype.
   bfloat16 rounds each weight to 8 significant bits, int8 to 1/254 of its block's largest: both
   change the distributions slightly (float32 keeps the original's numbers). On a CPU a few rows
-  take `cpu_kernels`'s kernels (bfloat16 ~2x and int8 3.3-4.4x float32's speed at batch 1, see
+  take `cpu_kernels`' kernels (bfloat16 ~2x and int8 3.3-4.4x float32's speed at batch 1, see
   benchmarks/generate_throughput.py); larger batches take XLA's dot, where bfloat16 pays and int8
-  is dequantized at every step: use it for batch 1 only.
+  is dequantized at every step: use it for batch 1 only. float32 matrices are kept in
+  `cpu_kernels`' column blocks on a CPU (`_cpu_layout`), whose kernel is faster at every batch.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
@@ -410,6 +433,7 @@ class Sampler:
     self.graphdef, self.params = nnx.split(model)
     if dtype is not None:
       self.params = stored_weights(self.params, dtype)
+    self.params = _cpu_layout(self.params, self.cfg)
     self.prefill_params = _dequantized_patch_decoder(self.params)
     self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
                                              patch_length=self.cfg.patch_length)

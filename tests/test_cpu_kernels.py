@@ -117,9 +117,9 @@ def test_kernel_rejects_other_dtypes(kernel):
     cpu_kernels.matmul(jnp.ones((1, 4)), jnp.ones((4, 2)))
 
 
-def _custom_calls(f, *args) -> int:
+def _custom_calls(f, *args, target: str = cpu_kernels.TARGET) -> int:
   traced = lambda *a: f(*a)  # a fresh function: jit's cache would return an earlier trace
-  return jax.jit(traced).lower(*args).as_text().count(cpu_kernels.TARGET)
+  return jax.jit(traced).lower(*args).as_text().count(target)
 
 
 def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel):
@@ -128,6 +128,57 @@ def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel)
   too_many = jnp.ones((cpu_kernels.MAX_ROWS + 1, 8))
   assert _custom_calls(model_lib.inference_matmul, too_many, w16) == 0
   assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
+
+
+def test_column_blocks_hold_16_columns_of_every_row():
+  matrix = np.arange(24 * 48).reshape(24, 48)
+  blocks = np.asarray(cpu_kernels.column_blocks(jnp.asarray(matrix)))
+  assert blocks.shape == (3, 24, 16)
+  np.testing.assert_array_equal(blocks[1], matrix[:, 16:32])
+  np.testing.assert_array_equal(cpu_kernels.from_column_blocks(blocks), matrix)
+
+
+@pytest.mark.parametrize("x_shape,n", [((1, 768), 2304), ((5, 64), 80), ((13, 40), 48),
+                                       ((33, 16), 16), ((2, 3, 24), 32)])
+def test_column_block_kernel_equals_float64_product(kernel, x_shape, n):
+  """Any number of rows (8-row groups and a partial one), whole 3-block items and single blocks."""
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal((x_shape[-1], n)).astype(np.float32)
+  got = jax.jit(cpu_kernels.matmul_column_blocks)(x, cpu_kernels.column_blocks(jnp.asarray(w)))
+  assert got.shape == x_shape[:-1] + (n,)
+  expected = np.asarray(x, np.float64) @ w
+  np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
+                             np.abs(expected).max())
+
+
+def test_column_block_weight_stands_in_for_its_parameter(kernel):
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)  # K = 2 x 16 over two axes
+  blocked = model_lib.ColumnBlockWeight.of(w, input_axes=2)
+  assert blocked.matrix_shape == (32, 32) and blocked[...] is blocked
+  assert blocked.reshape(32, 32) is blocked
+  np.testing.assert_array_equal(blocked.astype(jnp.float32), w)
+  x = jnp.asarray(rng.standard_normal((9, 32)), jnp.float32)
+  for rows in (1, 9):  # the kernel at any number of rows
+    assert _custom_calls(model_lib.inference_matmul, x[:rows], blocked,
+                         target=cpu_kernels.COLUMN_BLOCKS_TARGET) == 1
+  np.testing.assert_allclose(model_lib.inference_matmul(x, blocked), x @ w.reshape(32, 32),
+                             rtol=1e-6, atol=1e-5)
+  with pytest.raises(ValueError, match="divisible by 16"):
+    model_lib.ColumnBlockWeight.of(jnp.ones((32, 8)), input_axes=1)
+
+
+def test_sampler_keeps_float32_matrices_in_column_blocks_on_cpu(kernel, golden_dir):
+  model = checkpoint.load_model(golden_dir / "tiny.pth")
+  stored = lambda dtype: jax.tree.leaves(
+      sampling.Sampler(model, batch=2, dtype=dtype).params,
+      is_leaf=lambda p: isinstance(p, (model_lib.ColumnBlockWeight, model_lib.Int8Weight)))
+  count = lambda leaves, kind: sum(isinstance(p, kind) for p in leaves)
+  blocks = model.cfg.patch_layers + model.cfg.char_layers
+  assert count(stored(None), model_lib.ColumnBlockWeight) == 4 * blocks
+  assert count(stored("bfloat16"), model_lib.ColumnBlockWeight) == 0
+  assert count(stored("int8"), model_lib.Int8Weight) == 4 * blocks
 
 
 def test_disabled_kernel_falls_back_to_xla(monkeypatch):
@@ -140,6 +191,11 @@ def test_disabled_kernel_falls_back_to_xla(monkeypatch):
     np.testing.assert_array_equal(model_lib.inference_matmul(x, w), np.full((1, 4), 4.0))
     w8 = model_lib.Int8Weight.quantize(jnp.full((32, 16), 0.5), 1)
     np.testing.assert_array_equal(model_lib.inference_matmul(jnp.ones((1, 32)), w8),
+                                  np.full((1, 16), 16.0))
+    blocked = model_lib.ColumnBlockWeight.of(jnp.full((32, 16), 0.5), 1)
+    assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 32)), blocked,
+                         target=cpu_kernels.COLUMN_BLOCKS_TARGET) == 0
+    np.testing.assert_array_equal(model_lib.inference_matmul(jnp.ones((1, 32)), blocked),
                                   np.full((1, 16), 16.0))
     rng = np.random.default_rng(0)
     cache = model_lib.KVCache(*(jnp.asarray(rng.standard_normal((1, 2, 8, 64)), jnp.float32)
