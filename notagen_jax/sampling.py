@@ -362,7 +362,7 @@ def stored_weights(params: nnx.State, dtype: str) -> nnx.State:
 def _cpu_layout(params: nnx.State, cfg: model_lib.ModelConfig) -> nnx.State:
   """params with the blocks' float32 matrices as `model.ColumnBlockWeight`s when sampling runs on
   a CPU with `cpu_kernels` built: the same numbers, in the layout of the kernel that multiplies
-  them at any number of rows (1.3x XLA's dot at one row, 2.1x at 8, 1.4x at 32, `benchmarks/
+  them at any number of rows (1.2x XLA's dot at one row, 1.9x at 8, 1.4x at 32, `benchmarks/
   cpu_matmul_throughput.py`)."""
   if (jnp.dtype(cfg.dtype) != jnp.float32 or jax.default_backend() != "cpu" or
       not cpu_kernels.available()):
