@@ -418,7 +418,7 @@ class Sampler:
   model's dtype.
   bfloat16 rounds each weight to 8 significant bits, int8 to 1/254 of its block's largest: both
   change the distributions slightly (float32 keeps the original's numbers). On a CPU a few rows
-  take `cpu_kernels`' kernels (bfloat16 ~2x and int8 3.3-4.4x float32's speed at batch 1, see
+  take `cpu_kernels`' kernels (bfloat16 ~1.5x and int8 ~3x float32's speed at batch 1, see
   benchmarks/generate_throughput.py); larger batches take XLA's dot, where bfloat16 pays and int8
   is dequantized at every step: use it for batch 1 only. float32 matrices are kept in
   `cpu_kernels`' column blocks on a CPU (`_cpu_layout`), whose kernel is faster at every batch.
