@@ -120,8 +120,9 @@ def _call(target: str, out: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.A
   return jax.ffi.ffi_call(target, out)(*operands)
 
 
-def _product(x: jax.Array, w: jax.Array) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
+def _product(x: jax.Array, n: int) -> jax.ShapeDtypeStruct:
+  """The float32 result of x [..., K] times a matrix of n columns."""
+  return jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -129,7 +130,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   if x.dtype != jnp.float32 or w.dtype != jnp.bfloat16 or w.ndim != 2:
     raise TypeError(f"cpu_kernels.matmul takes float32 x and 2-D bfloat16 w, got {x.dtype} "
                     f"{x.shape} and {w.dtype} {w.shape}")
-  return _call(TARGET, _product(x, w), x, w)
+  return _call(TARGET, _product(x, w.shape[1]), x, w)
 
 
 def matmul_int8(x: jax.Array, w) -> jax.Array:
@@ -144,8 +145,7 @@ def matmul_int8(x: jax.Array, w) -> jax.Array:
     raise TypeError(f"cpu_kernels.matmul_int8 takes float32 x, int8 tiles [K / 8, N / 16, 8, 16] "
                     f"(K % 32 == 0) and scales [K / 32, N], got {x.dtype} {x.shape}, "
                     f"{values.dtype} {values.shape}, {scales.shape}")
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (scales.shape[1],), jnp.float32)
-  return _call(INT8_TARGET, out, x, values, scales.astype(jnp.float32))
+  return _call(INT8_TARGET, _product(x, scales.shape[1]), x, values, scales.astype(jnp.float32))
 
 
 def tile(matrix: jax.Array) -> jax.Array:
@@ -175,8 +175,7 @@ def matmul_column_blocks(x: jax.Array, blocks: jax.Array) -> jax.Array:
     raise TypeError(f"cpu_kernels.matmul_column_blocks takes float32 x [..., K] and float32 "
                     f"blocks [N / 16, K, 16], got {x.dtype} {x.shape}, {blocks.dtype} "
                     f"{blocks.shape}")
-  out = jax.ShapeDtypeStruct(x.shape[:-1] + (blocks.shape[0] * COLUMN_BLOCK,), jnp.float32)
-  return _call(COLUMN_BLOCKS_TARGET, out, x, blocks)
+  return _call(COLUMN_BLOCKS_TARGET, _product(x, blocks.shape[0] * COLUMN_BLOCK), x, blocks)
 
 
 def column_blocks(matrix: jax.Array) -> jax.Array:
