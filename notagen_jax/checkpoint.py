@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Any
 
 import grain
@@ -17,6 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from notagen_jax import model as model_lib
+from notagen_jax import storage
 from notagen_jax import torch_port
 
 CONFIG = "config.json"
@@ -36,16 +36,17 @@ def build(cfg: model_lib.ModelConfig, params: dict | None = None, seed: int = 0)
 
 def save_params(directory: str | os.PathLike, model: model_lib.NotaGen) -> None:
   """Writes `config.json` and `params/` into `directory` (created; params must not exist yet)."""
-  directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / CONFIG).write_text(model.cfg.to_json())
+  directory = storage.path(directory)
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(model.cfg.to_json())
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / PARAMS, nnx.to_pure_dict(nnx.state(model)))
 
 
 def restore_params(directory: str | os.PathLike, **overrides: Any) -> model_lib.NotaGen:
   """The model saved by `save_params`; `overrides` change non-shape config fields (dtype, ...)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory)
   cfg = model_lib.ModelConfig.from_json((directory / CONFIG).read_text())
   cfg = dataclasses.replace(cfg, **overrides)
   abstract = nnx.eval_shape(lambda: model_lib.NotaGen(cfg, nnx.Rngs(0)))
@@ -60,7 +61,7 @@ def restore_params(directory: str | os.PathLike, **overrides: Any) -> model_lib.
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> model_lib.NotaGen:
   """A model from a `save_params` directory or a NotaGen `.pth` / `.safetensors` (converted)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.is_dir():
     return restore_params(path, **overrides)
   if path.suffix not in TORCH_SUFFIXES:
@@ -91,7 +92,7 @@ class TrainCheckpointer:
                                       keep_checkpoints_without_metrics=False),
     ])
     self._manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
+        storage.path(directory),
         options=ocp.CheckpointManagerOptions(preservation_policy=policy,
                                              enable_async_checkpointing=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),

@@ -48,7 +48,10 @@ def base_config(mode: str, size: str = "small") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.shards_dir = ""  # the versioned dir that `prepare` prints ("shards: ...")
   c.data.eval_split = "eval"
-  c.data.batch_size = 8  # global, over all processes
+  # The batch is global (over all processes and devices) or, with batch_size 0, per
+  # data-parallel device (`per_device_batch_size` rows on each, so any slice splits it).
+  c.data.batch_size = 8
+  c.data.per_device_batch_size = 0
   c.data.key_sampling = "uniform" if mode == "pretrain" else "nearby"
   c.data.drop_prompt = mode == "pretrain"
   c.data.stream_cut = True
@@ -102,6 +105,26 @@ def base_config(mode: str, size: str = "small") -> ml_collections.ConfigDict:
   return c
 
 
+def global_batch_size(c: ml_collections.ConfigDict, data_parallel: int) -> int:
+  """Rows per step over the whole mesh, of which `data_parallel` devices split the batch."""
+  if c.data.per_device_batch_size:
+    return c.data.per_device_batch_size * data_parallel
+  if c.data.batch_size % data_parallel:
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} does not split over the "
+                     f"{data_parallel} data-parallel devices (set data.per_device_batch_size "
+                     "instead, with data.batch_size=0)")
+  return c.data.batch_size
+
+
+def with_global_batch(c: ml_collections.ConfigDict,
+                      data_parallel: int) -> ml_collections.ConfigDict:
+  """A copy of `c` whose data.batch_size is the global batch over `data_parallel` devices."""
+  batch_size = global_batch_size(c, data_parallel)
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.data.batch_size, c.data.per_device_batch_size = batch_size, 0
+  return c
+
+
 def _check(condition: bool, field: str, message: str) -> None:
   if not condition:
     raise ValueError(f"config.{field}: {message}")
@@ -119,7 +142,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"{c.model.dtype!r}")
   _check(0 <= c.model.dropout < 1, "model.dropout", f"{c.model.dropout} not in [0, 1)")
   _check(c.model.patch_sampling >= 0, "model.patch_sampling", "must be >= 0")
-  _check(c.data.batch_size > 0, "data.batch_size", f"{c.data.batch_size} must be > 0")
+  d = c.data
+  _check(d.batch_size >= 0 and d.per_device_batch_size >= 0, "data.batch_size",
+         "batch sizes must be >= 0")
+  _check((d.batch_size > 0) != (d.per_device_batch_size > 0), "data.batch_size",
+         f"set one of data.batch_size (global; now {d.batch_size}) and "
+         f"data.per_device_batch_size (now {d.per_device_batch_size}), the other to 0")
   _check(c.data.key_sampling in pipeline.KEY_SAMPLING, "data.key_sampling",
          f"{c.data.key_sampling!r} is not one of {pipeline.KEY_SAMPLING}")
   if c.mode == "dpo":

@@ -146,7 +146,7 @@ def train(c: ml_collections.ConfigDict, policy: str, pairs: pathlib.Path,
           out: pathlib.Path) -> str:
   """DPO from `policy` on the pairs; returns the new policy (final params) path."""
   final = out / trainer.FINAL_PARAMS
-  if not final.exists():
+  if trainer.final_params_step(final) != c.train.train.num_steps:
     trainer.train_and_evaluate(_train_config(c, policy, pairs, out), str(out))
   return str(final)
 

@@ -207,14 +207,15 @@ def _materialize(x: jax.Array) -> jax.Array:
 
   XLA's CPU pipeline drops optimization barriers before fusion; a branch it cannot resolve at
   compile time (one element's bits with the sign cleared are never all ones) is a boundary.
-  Accelerators keep x as is: their fusion does not recompute this way, and a branch there waits
-  for the device.
+  Other platforms keep x as is (chosen when the program is lowered for them, whatever the host
+  traces it): their fusion does not recompute this way, and a branch there waits for the device.
   """
-  if jax.default_backend() != "cpu":
-    return x
-  probe = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
-  return jax.lax.cond(probe & 0x7FFFFFFF != jnp.uint32(0xFFFFFFFF), lambda x: x,
-                      lambda x: x * 1, x)
+  def stored(x):
+    probe = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+    return jax.lax.cond(probe & 0x7FFFFFFF != jnp.uint32(0xFFFFFFFF), lambda x: x,
+                        lambda x: x * 1, x)
+
+  return jax.lax.platform_dependent(x, cpu=stored, default=lambda x: x)
 
 
 @jax.custom_vjp

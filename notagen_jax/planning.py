@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from notagen_jax import config as config_lib
 from notagen_jax import model as model_lib
 from notagen_jax import sharding
 from notagen_jax import trainer
@@ -233,9 +234,7 @@ def plan(c: ml_collections.ConfigDict, devices: str | None = None,
       raise ValueError(f"mesh {shape} has a -1: give --devices to resolve it")
     resolved = sharding.mesh_shape(shape, math.prod(shape))
   dp = math.prod(resolved[sharding.MESH_AXES.index(a)] for a in sharding.BATCH_AXES)
-  if c.data.batch_size % dp:
-    raise ValueError(f"config.data.batch_size {c.data.batch_size} does not split over the {dp} "
-                     f"data-parallel devices of mesh {dict(zip(sharding.MESH_AXES, resolved))}")
+  c = config_lib.with_global_batch(c, dp)
   rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
   cfg = trainer.model_config(c)
   _, _, state = abstract_state(c)

@@ -8,6 +8,7 @@ write `.pth` files.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Any, Mapping
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from notagen_jax import model as model_lib
+from notagen_jax import storage
 
 Path = tuple[Any, ...]
 PATCH = "patch_level_decoder."
@@ -164,12 +166,12 @@ def _our_shapes(cfg: model_lib.ModelConfig) -> dict[Path, tuple[int, ...]]:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A NotaGen state dict as numpy from `.pth` (`{'model': sd}` or bare) or `.safetensors`."""
-  path = os.fspath(path)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(path))
+  path = storage.path(path)
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    return dict(load(path.read_bytes()))
   import torch  # pylint: disable=import-outside-toplevel
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   state_dict = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds no state dict (got {type(state_dict).__name__})")
@@ -182,10 +184,12 @@ def save_pth(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> N
   tensors = {key: torch.from_numpy(np.array(value, np.float32))
              for key, value in state_dict.items() if key != LM_HEAD}
   tensors[LM_HEAD] = tensors[CHAR_WTE]
-  torch.save({"model": {key: tensors[key] for key in state_dict}}, os.fspath(path))
+  buffer = io.BytesIO()
+  torch.save({"model": {key: tensors[key] for key in state_dict}}, buffer)
+  storage.path(path).write_bytes(buffer.getvalue())
 
 
 def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  save_file({key: np.ascontiguousarray(value, np.float32) for key, value in state_dict.items()},
-            os.fspath(path))
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  storage.path(path).write_bytes(
+      save({key: np.ascontiguousarray(value, np.float32) for key, value in state_dict.items()}))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import signal
 import time
 from typing import Any, Callable, Iterator
@@ -21,9 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorboardX
 import tqdm
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -32,6 +31,7 @@ from notagen_jax import config as config_lib
 from notagen_jax import losses
 from notagen_jax import model as model_lib
 from notagen_jax import sharding
+from notagen_jax import storage
 from notagen_jax.data import pipeline
 from notagen_jax.data.tokenizer import Patchilizer
 
@@ -65,6 +65,7 @@ class NonFiniteLoss(RuntimeError):
 REFERENCE_LOGPS = "reference_logps.json"
 EVAL_REFERENCE_LOGPS = "reference_logps_eval.json"
 FINAL_PARAMS = "final_params"
+FINAL_STEP = "step.json"  # in FINAL_PARAMS, written last: the export is complete
 
 
 def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
@@ -112,23 +113,31 @@ def _decay_mask(params: Any) -> Any:
 
 def make_optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
                                                             optax.Schedule]:
+  """AdamW (with clipping and accumulation as configured) and its learning rate by train step.
+
+  Under accumulation the schedule advances once per optimizer update (every `grad_accum_steps`
+  train steps), so its lengths, given in train steps like `train.num_steps`, are divided by k:
+  the run still ends at the end of its cosine.
+  """
   o = c.optimizer
+  k = o.grad_accum_steps
+  updates, warmup = -(-c.train.num_steps // k), -(-o.warmup_steps // k)
   if o.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1),
-                                                  max(c.train.num_steps, o.warmup_steps + 1))
-  elif o.warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 1),
+                                                  max(updates, warmup + 1))
+  elif warmup:
     schedule = optax.join_schedules([
-        optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
-        optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+        optax.linear_schedule(0.0, o.learning_rate, warmup),
+        optax.constant_schedule(o.learning_rate)], [warmup])
   else:
     schedule = optax.constant_schedule(o.learning_rate)
   parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
   parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=_decay_mask))
   tx = optax.chain(*parts)
-  if o.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
-  return tx, schedule
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k)
+  return tx, lambda step: schedule(step // k)
 
 
 def _rngs(rng: jax.Array, step: jax.Array) -> nnx.Rngs:
@@ -228,10 +237,7 @@ def build_setup(c: ml_collections.ConfigDict,
                 devices: list[jax.Device] | None = None) -> Setup:
   cfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh.shape, devices)
-  if c.data.batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"config.data.batch_size {c.data.batch_size} does not split over the "
-                     f"{sharding.data_parallel_size(mesh)} data-parallel devices of mesh "
-                     f"{dict(mesh.shape)}")
+  c = config_lib.with_global_batch(c, sharding.data_parallel_size(mesh))
   rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
   tx, schedule = make_optimizer(c)
 
@@ -338,20 +344,31 @@ def packed_length(setup: Setup, local_batch: dict) -> int | None:
 
 
 def make_eval_step(setup: Setup) -> Callable:
-  c = setup.config
-  dpo_loss = dpo_loss_fn(c) if c.mode == "dpo" else None
+  """(params, reference, batch, packed_len) -> metrics, dropout off, replicated on every process.
+
+  A batch of pieces (`patches`, `masks`) gives the NLL sums and each row's summed log-prob (the
+  DPO reference pass reads those); a batch of pairs gives the DPO loss and reward metrics.
+  """
+  dpo_loss = dpo_loss_fn(setup.config) if setup.config.mode == "dpo" else None
 
   def eval_step(params: Any, reference: Any, batch: dict, packed_len: int | None = None) -> dict:
     model = _model(setup, params)
     with sharding.activation_mesh(setup.mesh):
-      if dpo_loss is not None:
-        ref_model = _model(setup, reference) if reference is not None else None
-        loss, aux = dpo_loss(model, ref_model, batch, None, True, packed_len)
-      else:
-        loss, aux = nll_loss(model, batch, None, True, packed_len)
+      if "patches" in batch:
+        out = model_lib.forward(model, batch["patches"], batch["masks"], deterministic=True,
+                                packed_len=packed_len)
+        return {"loss": out.loss, "n_chars": out.char_mask.sum(),
+                "nll_sum": -out.char_logprob.sum(), "row_logprob": out.sum_logprob}
+      ref_model = _model(setup, reference) if reference is not None else None
+      loss, aux = dpo_loss(model, ref_model, batch, None, True, packed_len)
     return {"loss": loss, **aux}
 
-  return jax.jit(eval_step, static_argnums=3)
+  reference_sharding = setup.state_shardings.params if setup.reference is not None else None
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(eval_step, static_argnums=3,
+                 in_shardings=(setup.state_shardings.params, reference_sharding,
+                               sharding.batch_sharding(setup.mesh)),
+                 out_shardings=replicated)
 
 
 def _process_batch_size(c: ml_collections.ConfigDict) -> int:
@@ -400,39 +417,59 @@ def eval_batches(c: ml_collections.ConfigDict, ref_logps_path: str | None) -> It
   return (batch for _, batch in zip(range(c.train.eval_batches), ds))
 
 
-def precompute_reference_logps(setup: Setup, pairs_file: str, out_path: pathlib.Path) -> None:
-  """Reference log-probs of every pair, computed once (dropout off) and written beside the run."""
+def precompute_reference_logps(setup: Setup, eval_step: Callable,
+                               texts: list[str]) -> list[float]:
+  """Each text's summed log-prob under the params the run starts from (dropout off).
+
+  The eval step runs on batches of 2 x data.batch_size pieces (a DPO batch's rows) over the
+  mesh, params passed as sharded arguments; every process tokenizes all texts and feeds its own
+  share of each batch. The last batch is padded with empty rows.
+  """
   c = setup.config
   patchilizer = Patchilizer(patch_length=c.model.patch_length)
-  chosen, rejected = pipeline.preference_pairs(pairs_file)
-  model = _model(setup, setup.state.params)
-
-  @jax.jit
-  def logps(patches, masks):
-    return model_lib.forward(model, patches, masks, deterministic=True).sum_logprob
-
-  def text_logps(texts):
-    values = []
-    for text in texts:
-      ids = pipeline.preference_ids(patchilizer, text)
-      rows = pipeline.pad_rows(ids, c.model.patch_length)
-      values.append(float(logps(rows["patches"][None], rows["masks"][None])[0]))
-    return values
-
-  chosen_logps, rejected_logps = text_logps(chosen), text_logps(rejected)
-  out = {"ref_chosen_logp": [cl for cl in chosen_logps for _ in rejected_logps],
-         "ref_rejected_logp": [rl for _ in chosen_logps for rl in rejected_logps]}
-  if jax.process_index() == 0:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out))
+  rows = 2 * c.data.batch_size
+  per_process = rows // jax.process_count()
+  first = jax.process_index() * per_process
+  empty = pipeline.pad_rows(np.zeros((0, setup.model_cfg.patch_size), np.int32),
+                            c.model.patch_length)
+  values = []
+  for start in tqdm.trange(0, len(texts), rows, desc="reference log-probs", unit="batch",
+                           disable=jax.process_index() != 0 or len(texts) <= rows):
+    mine = texts[start + first:start + first + per_process]
+    padded = [pipeline.pad_rows(pipeline.preference_ids(patchilizer, t), c.model.patch_length)
+              for t in mine] + [empty] * (per_process - len(mine))
+    local = {k: np.stack([p[k] for p in padded]) for k in ("patches", "masks")}
+    out = eval_step(setup.state.params, None, sharding.global_batch(local, setup.mesh),
+                    packed_length(setup, local))
+    values.extend(np.asarray(out["row_logprob"]).tolist())
+  return values[:len(texts)]
 
 
-def reference_logps(setup: Setup, pairs_file: str, path: pathlib.Path, exists: bool) -> str:
-  """The reference log-probs file of `pairs_file`, computed unless an earlier run left it."""
-  if not exists:
-    precompute_reference_logps(setup, pairs_file, path)
-  multihost_utils.sync_global_devices(f"notagen_jax:{path.name}")  # written before anyone reads
-  return str(path)
+def reference_logps(setup: Setup, eval_step: Callable, pairs_file: str,
+                    out: epath.Path) -> str:
+  """The reference log-probs of `pairs_file`'s texts, in `out`: {"chosen": [...], "rejected":
+  [...], "produced_by": ...}. Reused only when produced from the same pairs, init checkpoint and
+  model; otherwise (re)computed."""
+  c = setup.config
+  produced_by = {"pairs_sha256": storage.sha256(pairs_file), "init_checkpoint": c.init_checkpoint,
+                 "model": json.loads(setup.model_cfg.to_json())}
+  # Every process reads before anyone writes, so all take the same branch.
+  existing = storage.read_json(out)
+  multihost_utils.sync_global_devices(f"notagen_jax:read {out.name}")
+  if existing is None or existing.get("produced_by") != produced_by:
+    chosen, rejected = pipeline.preference_pairs(pairs_file)
+    values = precompute_reference_logps(setup, eval_step, chosen + rejected)
+    if jax.process_index() == 0:
+      out.write_text(json.dumps({"chosen": values[:len(chosen)], "rejected": values[len(chosen):],
+                                 "produced_by": produced_by}))
+    multihost_utils.sync_global_devices(f"notagen_jax:wrote {out.name}")
+  return str(out)
+
+
+def final_params_step(directory: epath.PathLike) -> int | None:
+  """The train step whose params `directory` (a run's final_params) holds; None if incomplete."""
+  record = storage.read_json(storage.path(directory) / FINAL_STEP)
+  return None if record is None else record["step"]
 
 
 def _summary(metrics: list[dict]) -> dict[str, float]:
@@ -445,25 +482,23 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   c = ml_collections.ConfigDict(c.to_dict())
   c.workdir = workdir or c.workdir
   config_lib.validate(c)
+  data, fsdp, _ = sharding.mesh_shape(c.mesh.shape, jax.device_count())
+  c = config_lib.with_global_batch(c, data * fsdp)
   check_inputs(c)
-  workdir = pathlib.Path(c.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+  workdir = storage.path(c.workdir)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
   setup = build_setup(c)
-  # Every process looks before any writes: with several processes, a file one of them is
-  # writing must not look "already there" to another.
-  existing = {name: (workdir / name).exists()
-              for name in (REFERENCE_LOGPS, EVAL_REFERENCE_LOGPS, FINAL_PARAMS)}
-  multihost_utils.sync_global_devices("notagen_jax:workdir_checked")
+  eval_step = make_eval_step(setup)
   ref_logps_path = eval_ref_logps_path = None
   if c.mode == "dpo" and c.dpo.precompute_reference:
-    ref_logps_path = reference_logps(setup, c.data.preference_file, workdir / REFERENCE_LOGPS,
-                                     existing[REFERENCE_LOGPS])
+    ref_logps_path = reference_logps(setup, eval_step, c.data.preference_file,
+                                     workdir / REFERENCE_LOGPS)
     if c.data.eval_preference_file:
-      eval_ref_logps_path = reference_logps(setup, c.data.eval_preference_file,
-                                            workdir / EVAL_REFERENCE_LOGPS,
-                                            existing[EVAL_REFERENCE_LOGPS])
+      eval_ref_logps_path = reference_logps(setup, eval_step, c.data.eval_preference_file,
+                                            workdir / EVAL_REFERENCE_LOGPS)
 
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep_checkpoints)
   data = make_train_data(c, ref_logps_path)
@@ -472,9 +507,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     state, data = ckpt.restore(ckpt.latest_step(), state, setup.state_shardings, data)
     logging.info("resumed from step %d", int(state.step))
   train_step = make_train_step(setup)
-  eval_step = make_eval_step(setup)
-  writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if (
-      jax.process_index() == 0) else None
+  lead = jax.process_index() == 0
+  writer = storage.summary_writer(workdir / "tensorboard") if lead else None
+  log = storage.JsonLines(workdir / "metrics.jsonl") if lead else None
   peak = peak_flops(c)
   n_devices = jax.device_count()
 
@@ -483,7 +518,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   first_step = int(state.step)
   history, last = [], {}
   progress = tqdm.tqdm(total=c.train.num_steps, initial=first_step, desc=c.mode, unit="step",
-                       disable=jax.process_index() != 0)
+                       disable=not lead)
   tick, nan_skips = time.perf_counter(), 0
   try:
     for step in range(first_step, c.train.num_steps):
@@ -510,22 +545,24 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         last["tflops_per_device"] = tflops / 1e12
         if peak:
           last["mfu"] = tflops / peak
-        _write(writer, "train", last, done)
+        _write(writer, log, "train", last, done)
         progress.set_postfix(loss=f"{last['loss']:.4f}", chars_s=f"{last['chars_per_s']:.0f}")
         history, tick = [], time.perf_counter()
-      eval_metrics = None
+      eval_metrics = {}
       if done % c.train.eval_every == 0 or done == c.train.num_steps:
         eval_metrics = evaluate(c, eval_step, state, setup, eval_ref_logps_path)
         if eval_metrics:
-          _write(writer, "eval", eval_metrics, done)
+          _write(writer, log, "eval", eval_metrics, done)
           last.update({f"eval_{k}": v for k, v in eval_metrics.items()})
       if (done % c.train.checkpoint_every == 0 or done == c.train.num_steps or stop["signal"]
           or ckpt.reached_preemption(done)):
-        ckpt.save(done, state, data, metrics=eval_metrics, force=stop["signal"])
+        # Only saves with an eval loss compete for "best"; the latest ones are kept regardless.
+        ckpt.save(done, state, data, metrics=eval_metrics or None, force=stop["signal"])
       if stop["signal"] or ckpt.reached_preemption(done):
         logging.warning("preempted: checkpoint saved at step %d, exiting", done)
         break
-    if int(state.step) == c.train.num_steps and not existing[FINAL_PARAMS]:
+    finished = int(state.step)
+    if finished == c.train.num_steps and final_params_step(workdir / FINAL_PARAMS) != finished:
       export_final(setup, state, workdir / FINAL_PARAMS)
   finally:
     ckpt.close()
@@ -536,9 +573,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return last
 
 
-def export_final(setup: Setup, state: TrainState, directory: pathlib.Path) -> None:
-  """The trained model as a params checkpoint: what `port to-torch` and generation load."""
+def export_final(setup: Setup, state: TrainState, directory: epath.Path) -> None:
+  """The trained model as a params checkpoint (what `port to-torch` and generation load),
+  replacing an export of an earlier step; `FINAL_STEP` is written last."""
+  if jax.process_index() == 0 and directory.exists():
+    directory.rmtree()
+  multihost_utils.sync_global_devices("notagen_jax:final_params_cleared")
   checkpoint.save_params(directory, _model(setup, state.params))
+  if jax.process_index() == 0:
+    (directory / FINAL_STEP).write_text(json.dumps({"step": int(state.step)}))
   logging.info("final params: %s (python -m notagen_jax.port to-torch %s OUT.pth)", directory,
                directory)
 
@@ -550,6 +593,7 @@ def evaluate(c: ml_collections.ConfigDict, eval_step: Callable, state: TrainStat
   for batch in eval_batches(c, ref_logps_path):
     metrics = eval_step(state.params, setup.reference, sharding.global_batch(batch, setup.mesh),
                         packed_length(setup, batch))
+    metrics.pop("row_logprob", None)
     for k, v in metrics.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     n += 1
@@ -562,7 +606,8 @@ def evaluate(c: ml_collections.ConfigDict, eval_step: Callable, state: TrainStat
           "n_chars": totals["n_chars"]}
 
 
-def _write(writer, prefix: str, metrics: dict[str, float], step: int) -> None:
+def _write(writer, log: storage.JsonLines | None, prefix: str, metrics: dict[str, float],
+           step: int) -> None:
   """Console, TensorBoard, and one JSON line per log in workdir/metrics.jsonl (process 0)."""
   logging.info("%s step %d: %s", prefix, step,
                ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
@@ -570,8 +615,8 @@ def _write(writer, prefix: str, metrics: dict[str, float], step: int) -> None:
     for k, v in metrics.items():
       writer.add_scalar(f"{prefix}/{k}", v, step)
     writer.flush()
-    with open(pathlib.Path(writer.logdir).parent / "metrics.jsonl", "a") as f:
-      f.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
+  if log is not None:
+    log.append({"split": prefix, "step": step, **metrics})
 
 
 def check_inputs(c: ml_collections.ConfigDict) -> None:
@@ -581,17 +626,17 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
       path = c.data[field]
       if not path:
         continue
-      if not pathlib.Path(path).is_file():
+      if not storage.path(path).is_file():
         raise FileNotFoundError(f"config.data.{field}: {path} does not exist")
       chosen, rejected = pipeline.preference_pairs(path)
       if not chosen or not rejected:
         raise ValueError(f"config.data.{field}: {path} needs at least one chosen and one "
                          f"rejected piece (has {len(chosen)} and {len(rejected)})")
   else:
-    shards_dir = pathlib.Path(c.data.shards_dir)
+    shards_dir = storage.path(c.data.shards_dir)
     if not (shards_dir / "dataset_info.json").is_file():
       raise FileNotFoundError(
           f"config.data.shards_dir: {shards_dir} is not a built shards dir (no dataset_info.json;"
           " use the path `python -m notagen_jax.prepare` prints after 'shards:')")
-  if c.init_checkpoint and not pathlib.Path(c.init_checkpoint).exists():
+  if c.init_checkpoint and not storage.path(c.init_checkpoint).exists():
     raise FileNotFoundError(f"config.init_checkpoint: {c.init_checkpoint} does not exist")

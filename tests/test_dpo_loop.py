@@ -37,7 +37,7 @@ def _config(prepared, workdir, golden_dir):
   c.sample.batch = 4
   c.scorer.workers = 1
   c.train.train.num_steps = 2
-  c.train.data.batch_size = 8  # one row per simulated device
+  assert c.train.data.per_device_batch_size == 1  # one pair per simulated device
   return c
 
 

@@ -210,7 +210,7 @@ def test_preference_batches(tmp_path, golden_dir):
   # Generated text carries the markers already: the stream text is what the sampler writes.
   texts = [case["stream_text"] for case in cases]
   (tmp_path / "pairs.json").write_text(json.dumps({"chosen": texts[:2], "rejected": texts[1:]}))
-  ref = {"ref_chosen_logp": [-1.0, -2.0, -3.0, -4.0], "ref_rejected_logp": [-5.0, -6.0, -7.0, -8.0]}
+  ref = {"chosen": [-1.0, -2.0], "rejected": [-5.0, -6.0]}
   (tmp_path / "ref.json").write_text(json.dumps(ref))
   ds = pipeline.preference_dataset(tmp_path / "pairs.json", batch_size=2, patch_length=128,
                                    num_epochs=1, ref_logps_path=tmp_path / "ref.json",
@@ -228,8 +228,8 @@ def test_preference_batches(tmp_path, golden_dir):
               for name in ("chosen", "rejected")}
       i = next(i for i, t in enumerate(texts[:2]) if encode(t) == pair["chosen"])
       j = next(j for j, t in enumerate(texts[1:]) if encode(t) == pair["rejected"])
-      assert batch["ref_chosen_logp"][row] == ref["ref_chosen_logp"][i * 2 + j]
-      assert batch["ref_rejected_logp"][row] == ref["ref_rejected_logp"][i * 2 + j]
+      assert batch["ref_chosen_logp"][row] == ref["chosen"][i]
+      assert batch["ref_rejected_logp"][row] == ref["rejected"][j]
       seen.add((i, j))
   assert seen == set(itertools.product(range(2), range(2)))
   # The stream text's markers are kept as they are, not added again.

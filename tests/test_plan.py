@@ -65,6 +65,13 @@ def test_mesh_resolution():
     planning.plan(_config("small", batch_size=8), devices="v5p-64")
 
 
+def test_dpo_config_splits_over_any_slice():
+  from configs import dpo  # pylint: disable=import-outside-toplevel
+  for devices, pairs in (("v5p-64", 32), ("v5e-256", 256), ("h100x8", 8)):
+    p = planning.plan(dpo.get_config("large"), devices=devices)
+    assert (p.config.data.batch_size, p.rows_per_device) == (pairs, 1)
+
+
 def test_flops_and_step_time():
   c = _config("small")
   p = planning.plan(c, devices="v5p-64", mfu=0.5)

@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -88,11 +89,75 @@ def test_one_step_dpo(preference_file, tmp_path, golden_dir):
   # rounding of ~1e4-sized log-prob sums (batched vs one by one), which lambda=10 amplifies.
   assert metrics["loss"] == pytest.approx(np.log(2), abs=5e-3)
   reference = json.loads((tmp_path / "reference_logps.json").read_text())
-  assert len(reference["ref_chosen_logp"]) == 2
+  assert len(reference["chosen"]) == 2 and len(reference["rejected"]) == 1
   # The golden checkpoint's summed log-prob of chorale 0 (cases.json) is the precomputed value.
   cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
-  assert reference["ref_chosen_logp"][0] == pytest.approx(cases[0]["sum_char_logprob"], rel=1e-4)
+  assert reference["chosen"][0] == pytest.approx(cases[0]["sum_char_logprob"], rel=1e-4)
   assert {"eval_rewards/accuracy", "eval_rewards/margin", "eval_loss"} <= set(metrics)
+
+
+def _dpo_cmd(workdir, init, pairs, steps):
+  """configs/dpo.py as documented, shortened: several checkpoints, no eval preference file."""
+  return [sys.executable, "-m", "notagen_jax.train", "--config=configs/dpo.py:tiny",
+          f"--workdir={workdir}", f"--config.init_checkpoint={init}",
+          f"--config.data.preference_file={pairs}", f"--config.train.num_steps={steps}",
+          "--config.train.checkpoint_every=4", "--config.train.eval_every=4",
+          "--config.train.log_every=2", "--config.data.num_threads=0"]
+
+
+def test_default_dpo_run_checkpoints_without_eval_data_and_exports(preference_file, tmp_path,
+                                                                   golden_dir):
+  run = tmp_path / "dpo"
+  subprocess.run(_dpo_cmd(run, golden_dir / "tiny.pth", preference_file, 14), cwd=REPO,
+                 env=_env(), check=True, capture_output=True)
+  assert sorted(_read_metrics(run)) == [2, 4, 6, 8, 10, 12, 14]
+  assert trainer.final_params_step(run / trainer.FINAL_PARAMS) == 14
+  subprocess.run([sys.executable, "-m", "notagen_jax.port", "to-torch",
+                  str(run / trainer.FINAL_PARAMS), str(tmp_path / "dpo.pth")], cwd=REPO,
+                 env=_env(), check=True, capture_output=True)
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  state_dict = torch.load(tmp_path / "dpo.pth", weights_only=True)["model"]
+  torch_reference.from_state_dict(state_dict)  # load_state_dict(strict=True)
+
+  # Resumed with more steps: the export is redone for the new last step.
+  subprocess.run(_dpo_cmd(run, golden_dir / "tiny.pth", preference_file, 18), cwd=REPO,
+                 env=_env(), check=True, capture_output=True)
+  assert trainer.final_params_step(run / trainer.FINAL_PARAMS) == 18
+  assert max(_read_metrics(run)) == 18
+
+
+def test_reference_logps_are_redone_for_other_pairs(preference_file, tmp_path, golden_dir):
+  c = tiny_config("dpo", tmp_path, init_checkpoint=str(golden_dir / "tiny.pth"),
+                  **{"data.preference_file": str(preference_file), "data.batch_size": 2,
+                     "mesh.shape": (2, 1, -1), "model.dropout": 0.0})
+  setup = trainer.build_setup(c)
+  eval_step = trainer.make_eval_step(setup)
+  out = tmp_path / "reference_logps.json"
+  trainer.reference_logps(setup, eval_step, str(preference_file), out)
+  first = json.loads(out.read_text())
+  out.write_text(json.dumps({**first, "chosen": [0.0, 0.0]}))
+  trainer.reference_logps(setup, eval_step, str(preference_file), out)
+  assert json.loads(out.read_text())["chosen"] == [0.0, 0.0]  # same inputs: reused
+  pairs = json.loads(preference_file.read_text())
+  swapped = tmp_path / "swapped.json"
+  swapped.write_text(json.dumps({"chosen": pairs["rejected"], "rejected": pairs["chosen"]}))
+  trainer.reference_logps(setup, eval_step, str(swapped), out)
+  again = json.loads(out.read_text())
+  assert again["chosen"] == first["rejected"] and again["rejected"] == first["chosen"]
+
+
+def test_reference_pass_takes_the_weights_as_arguments(preference_file, tmp_path, golden_dir):
+  c = tiny_config("dpo", tmp_path, init_checkpoint=str(golden_dir / "tiny.pth"),
+                  **{"data.preference_file": str(preference_file), "data.batch_size": 8,
+                     "model.dropout": 0.0})
+  setup = trainer.build_setup(c)
+  rows = {"patches": jax.ShapeDtypeStruct((16, 64, 16), np.int32),
+          "masks": jax.ShapeDtypeStruct((16, 64), np.int32)}
+  text = trainer.make_eval_step(setup).lower(setup.state.params, None, rows).as_text()
+  # Non-splat constants print their bytes as hex; the smallest weight matrix has H*H floats.
+  blobs = [len(b) // 2 for b in re.findall(r'dense<"0x([0-9A-F]+)">', text)]
+  assert max(blobs, default=0) < 4 * setup.model_cfg.hidden ** 2
 
 
 def _loss_and_grads(c, devices, batch):
@@ -330,6 +395,36 @@ def test_gradient_accumulation_updates_every_k_steps():
   assert not np.any(np.asarray(updates["w"]))  # first micro-step: accumulated only
   updates, state = tx.update(grads, state, params)
   assert np.all(np.asarray(updates["w"]) < 0)  # second: one AdamW step on the mean gradient
+
+
+def _applied_learning_rates(k, num_steps, warmup):
+  """The learning rate of each AdamW update of a run of num_steps train steps under k-step
+  accumulation: with a constant gradient, no decay and eps ~0, Adam's step is exactly lr."""
+  c = config_lib.base_config("pretrain", "tiny")
+  c.optimizer.update(grad_accum_steps=k, warmup_steps=warmup, schedule="cosine",
+                     weight_decay=0.0, eps=1e-30, learning_rate=1.0)
+  c.train.num_steps = num_steps
+  tx, schedule = trainer.make_optimizer(c)
+  params, grads = {"w": np.zeros(1, np.float32)}, {"w": np.ones(1, np.float32)}
+  state, rates = tx.init(params), []
+  for step in range(num_steps):
+    updates, state = tx.update(grads, state, params)
+    if (step + 1) % k == 0:
+      rates.append((-float(updates["w"][0]), float(schedule(step))))
+  return rates
+
+
+def test_accumulated_cosine_ends_where_the_schedule_ends():
+  plain = _applied_learning_rates(1, 10, 2)
+  accumulated = _applied_learning_rates(4, 40, 8)
+  # Ten updates either way, each at the same point of the same cosine; the logged rate is the
+  # applied one.
+  assert len(accumulated) == 10
+  np.testing.assert_allclose([r for r, _ in accumulated], [r for r, _ in plain], rtol=1e-5)
+  # (Adam's float32 bias corrections round the applied rate by ~1e-5.)
+  np.testing.assert_allclose([r for r, _ in accumulated], [s for _, s in accumulated], rtol=1e-4)
+  # The last update is the cosine's last step before 0 (1/2 (1 + cos(pi 7/8)) of the peak).
+  assert accumulated[-1][0] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)), rel=1e-4)
 
 
 def test_no_weight_decay_on_biases_and_layer_norms():

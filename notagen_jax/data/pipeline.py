@@ -230,7 +230,7 @@ class PairTransform:
   chosen: list[np.ndarray]
   rejected: list[np.ndarray]
   patch_length: int
-  ref_logps: dict[str, np.ndarray] | None
+  ref_logps: tuple[np.ndarray, np.ndarray] | None  # each chosen and rejected text's
 
   def __call__(self, pair: int) -> dict[str, np.ndarray]:
     i, j = divmod(pair, len(self.rejected))
@@ -238,8 +238,9 @@ class PairTransform:
     rejected = pad_rows(self.rejected[j], self.patch_length)
     example = {"chosen": chosen["patches"], "chosen_masks": chosen["masks"],
                "rejected": rejected["patches"], "rejected_masks": rejected["masks"]}
-    for name, values in (self.ref_logps or {}).items():
-      example[name] = np.float32(values[pair])
+    if self.ref_logps is not None:
+      example["ref_chosen_logp"] = self.ref_logps[0][i]
+      example["ref_rejected_logp"] = self.ref_logps[1][j]
     return example
 
 
@@ -259,8 +260,9 @@ def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
 
   Texts are encoded as the original's DPO step does: generated text already carries the `[r:`
   markers, so the body starts at the first line beginning `[r:`, none are added, no stream cut.
-  ref_logps_path: optional JSON `{"ref_chosen_logp": [...], "ref_rejected_logp": [...]}`, one value
-  per pair in chosen-major order, added to the batches as float32 [B] fields of the same names.
+  ref_logps_path: optional JSON `{"chosen": [...], "rejected": [...]}`, the reference's summed
+  log-prob of each text (what the trainer's reference pass writes), added to the batches as
+  float32 [B] fields `ref_chosen_logp` and `ref_rejected_logp`.
   """
   patchilizer = Patchilizer(patch_size=patch_size, patch_length=patch_length)
   encode = functools.partial(preference_ids, patchilizer)
@@ -268,11 +270,11 @@ def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
   n_pairs = len(chosen) * len(rejected)
   ref_logps = None
   if ref_logps_path is not None:
-    ref_logps = {name: np.asarray(values, np.float32)
-                 for name, values in json.loads(epath.Path(ref_logps_path).read_text()).items()}
-    for name, values in ref_logps.items():
-      if len(values) != n_pairs:
-        raise ValueError(f"{ref_logps_path}: {name} has {len(values)} values for {n_pairs} pairs")
+    values = json.loads(epath.Path(ref_logps_path).read_text())
+    ref_logps = tuple(np.asarray(values[name], np.float32) for name in ("chosen", "rejected"))
+    for name, texts, logps in zip(("chosen", "rejected"), (chosen, rejected), ref_logps):
+      if len(logps) != len(texts):
+        raise ValueError(f"{ref_logps_path}: {len(logps)} {name} values for {len(texts)} texts")
   indices = shard_indices(n_pairs, shard_index, shard_count, drop_remainder)
   if shuffle:
     indices = indices.shuffle(seed=seed)
