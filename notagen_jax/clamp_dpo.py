@@ -1,7 +1,8 @@
 """`python -m notagen_jax.clamp_dpo --config=configs/clamp_dpo.py[:SIZE] --workdir=DIR`.
 
 K iterations of sample -> score -> select -> DPO train (see notagen_jax/dpo_loop.py), resumable,
-with a summary table per iteration in DIR/summary.txt and DIR/score.png.
+with a summary table per iteration in DIR/summary.txt and DIR/score.png. Every path (DIR, the
+checkpoint, the prepared corpus) may be local or a gs:// URL.
 """
 
 from absl import app

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import copy
 import json
-import pathlib
 from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from notagen_jax import checkpoint
 from notagen_jax import config as config_lib
 from notagen_jax import generation
 from notagen_jax import sampling
+from notagen_jax import storage
 from notagen_jax import trainer
 from notagen_jax.data import corpus
 from notagen_jax.scoring import Embedder
@@ -57,12 +58,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.sample.num_pieces >= 2, "sample.num_pieces", "at least 2 pieces")
   check(all(c.prompt), "prompt", f"{tuple(c.prompt)} needs period, composer, instrumentation")
   sampling.Settings(**_settings_fields(c))  # its own checks
-  first = pathlib.Path(c.workdir) / "iteration_0"
+  first = storage.path(c.workdir) / "iteration_0"
   _train_config(c, c.init_checkpoint, first / "preferences.json", first / "train")
 
 
-def _train_config(c: ml_collections.ConfigDict, policy: str, pairs: pathlib.Path,
-                  out: pathlib.Path) -> ml_collections.ConfigDict:
+def _train_config(c: ml_collections.ConfigDict, policy: str, pairs: epath.Path,
+                  out: epath.Path) -> ml_collections.ConfigDict:
   """The DPO run of one iteration: `c.train` from `policy` on `pairs`, validated."""
   cfg = copy.deepcopy(c.train)
   cfg.unlock()
@@ -79,10 +80,10 @@ def _settings_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
               max_seconds=s.max_seconds, max_patches=s.max_patches)
 
 
-def ground_truth_texts(prepared_dir: str | pathlib.Path,
+def ground_truth_texts(prepared_dir: epath.PathLike,
                        combination: Sequence[str] | None) -> list[str]:
   """Interleaved texts of the prepared pieces with this (period, composer, instrumentation)."""
-  pieces = pathlib.Path(prepared_dir) / "pieces"
+  pieces = storage.path(prepared_dir) / "pieces"
   texts = []
   for path in sorted(pieces.glob("*/*.json")):
     record = json.loads(path.read_text())
@@ -102,7 +103,7 @@ def make_embedder(c: ml_collections.ConfigDict) -> Embedder:
   return symbolic.SymbolicEmbedder(workers=c.workers)
 
 
-def sample(c: ml_collections.ConfigDict, policy: str, out: pathlib.Path,
+def sample(c: ml_collections.ConfigDict, policy: str, out: epath.Path,
            seed: int) -> tuple[list[str], dict[str, Any]]:
   """The iteration's pieces (raw texts) and their record, drawn unless samples.json exists."""
   done = out / "samples.json"
@@ -117,11 +118,11 @@ def sample(c: ml_collections.ConfigDict, policy: str, out: pathlib.Path,
                          for w in written]}
     done.write_text(json.dumps(record, indent=1))
   record = json.loads(done.read_text())
-  return [pathlib.Path(p["abc"]).read_text() for p in record["pieces"]], record
+  return [storage.path(p["abc"]).read_text() for p in record["pieces"]], record
 
 
 def score(c: ml_collections.ConfigDict, texts: list[str], embedder: Embedder,
-          ground_truth: np.ndarray, out: pathlib.Path) -> dict[str, Any]:
+          ground_truth: np.ndarray, out: epath.Path) -> dict[str, Any]:
   """Scores and selects; writes scores.json and preferences.json unless there already."""
   path = out / "scores.json"
   if not path.exists():
@@ -142,8 +143,8 @@ def _plain(value: Any) -> Any:
   return None if isinstance(value, float) and np.isnan(value) else value
 
 
-def train(c: ml_collections.ConfigDict, policy: str, pairs: pathlib.Path,
-          out: pathlib.Path) -> str:
+def train(c: ml_collections.ConfigDict, policy: str, pairs: epath.Path,
+          out: epath.Path) -> str:
   """DPO from `policy` on the pairs; returns the new policy (final params) path."""
   final = out / trainer.FINAL_PARAMS
   if trainer.final_params_step(final) != c.train.train.num_steps:
@@ -169,7 +170,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, scorer: str) -> None:
+def plot(rows: Sequence[dict[str, Any]], path: epath.Path, scorer: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -181,14 +182,14 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, scorer: str) -> Non
   ax.set_xticks([r["iteration"] for r in rows])
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  storage.save_figure(fig, path)
   plt.close(fig)
 
 
 def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The whole loop; returns the summary rows (also written to WORKDIR/summary.*)."""
   validate(c)
-  workdir = pathlib.Path(c.workdir)
+  workdir = storage.path(c.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
   embedder = make_embedder(c.scorer)
@@ -214,7 +215,7 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   return rows
 
 
-def _write_summary(workdir: pathlib.Path, rows: list[dict[str, Any]], scorer: str) -> None:
+def _write_summary(workdir: epath.Path, rows: list[dict[str, Any]], scorer: str) -> None:
   (workdir / "summary.json").write_text(json.dumps(rows, indent=1))
   (workdir / "summary.txt").write_text(table(rows) + "\n")
   plot(rows, workdir / "score.png", scorer)

@@ -4,7 +4,7 @@ Samples pieces from a checkpoint (ours, or a NotaGen `.pth` / `.safetensors`) wi
 sampling, many at once with the KV-cached sampler, and writes per piece the raw ABC, the
 un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl. The prompt is period / composer /
 instrumentation (checked against `--known_prompts`, a prepared corpus, when given) or a file to
-continue (`--continue_from=score.xml|.abc`).
+continue (`--continue_from=score.xml|.abc`). Every path may be local or a gs:// URL.
 """
 
 import json

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import pathlib
 import time
 from typing import Iterable, Sequence
 
+from etils import epath
+
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
+from notagen_jax import storage
 from notagen_jax.data import abc
 from notagen_jax.data import corpus
 from notagen_jax.data import tokenizer
@@ -23,9 +25,9 @@ from notagen_jax.data import tokenizer
 Combination = tuple[str, str, str]
 
 
-def known_combinations(prepared_dir: str | pathlib.Path) -> set[Combination]:
+def known_combinations(prepared_dir: epath.PathLike) -> set[Combination]:
   """The (period, composer, instrumentation) prompts of a prepared corpus (what it fine-tunes on)."""
-  pieces = pathlib.Path(prepared_dir) / "pieces"
+  pieces = storage.path(prepared_dir) / "pieces"
   if not pieces.is_dir():
     raise FileNotFoundError(f"{prepared_dir}: not a prepared corpus (no pieces/ folder)")
   found = set()
@@ -54,7 +56,7 @@ def prompt_text(period: str, composer: str, instrumentation: str,
   return corpus.prompt_lines(dict(zip(corpus.PROMPT_FIELDS, combination)))
 
 
-def continuation_prompt(path: str | pathlib.Path, head: str = "", bars: int = 0,
+def continuation_prompt(path: epath.PathLike, head: str = "", bars: int = 0,
                         extra_lines: int | None = None) -> str:
   """A prompt continuing an ABC or MusicXML file: its first `bars` lines (0: all) in training form.
 
@@ -63,7 +65,7 @@ def continuation_prompt(path: str | pathlib.Path, head: str = "", bars: int = 0,
   to `extra_lines` more lines (default: as many again), so that the model does not read the
   prompt's last line as the piece's last.
   """
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if path.suffix.lower() in (".xml", ".musicxml", ".mxl"):
     text = abc.musicxml_to_abc(path.read_bytes(), path.name)
   else:
@@ -94,9 +96,6 @@ class Written:
   files: dict[str, str]
   errors: dict[str, str]
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self))
-
 
 def readable(text: str) -> str:
   """The original's output form: un-reduced, `%` prompt lines dropped, `X:1` first."""
@@ -105,9 +104,10 @@ def readable(text: str) -> str:
   return "".join(["X:1\n"] + lines)
 
 
-def write_piece(result: sampling.Result, out_dir: pathlib.Path, name: str,
+def write_piece(result: sampling.Result, out_dir: epath.PathLike, name: str,
                 formats: Sequence[str] = ("xml", "mid")) -> Written:
   """`name.abc` (raw), `name.unreduced.abc`, and `formats` of one piece; failures are recorded."""
+  out_dir = storage.path(out_dir)
   files = {"abc": out_dir / f"{name}.abc"}
   files["abc"].write_text(result.text)
   errors: dict[str, str] = {}
@@ -133,14 +133,15 @@ def write_piece(result: sampling.Result, out_dir: pathlib.Path, name: str,
                  round(result.seconds, 2), {k: str(v) for k, v in files.items()}, errors)
 
 
-def _write_midi(musicxml: str, path: pathlib.Path) -> pathlib.Path:
+def _write_midi(musicxml: str, path: epath.Path) -> epath.Path:
   import music21  # pylint: disable=import-outside-toplevel
   score = music21.converter.parse(musicxml, format="musicxml")
-  score.write("midi", fp=str(path))
+  with storage.local_output(path) as local:  # music21 writes only local files
+    score.write("midi", fp=str(local))
   return path
 
 
-def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pathlib.Path, *,
+def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.PathLike, *,
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
              formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
              weights_dtype: str | None = None) -> list[Written]:
@@ -149,18 +150,18 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pa
   `weights_dtype` ("bfloat16" or "int8") stores the weight matrices narrower for sampling (sums
   stay in float32; see `sampling.Sampler`): each character reads them all.
   """
-  out = pathlib.Path(out_dir)
+  out = storage.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   written: list[Written] = []
   start = time.perf_counter()
-  record = (out / "pieces.jsonl").open("w")
+  (out / "pieces.jsonl").write_text("")  # a rerun's record starts over, as its pieces do
+  record = storage.JsonLines(out / "pieces.jsonl")
   bar = _progress(len(prompts)) if progress else None
 
   def on_result(result: sampling.Result):
     item = write_piece(result, out, f"piece_{result.index:05d}", formats)
     written.append(item)
-    record.write(item.to_json() + "\n")
-    record.flush()
+    record.append(dataclasses.asdict(item))
     if bar is not None:
       chars = sum(w.chars for w in written)
       bar.set_postfix(chars_per_s=f"{chars / (time.perf_counter() - start):.0f}")
@@ -170,7 +171,6 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: str | pa
     sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
     sampler.run(prompts, seed=seed, on_result=on_result)
   finally:
-    record.close()
     if bar is not None:
       bar.close()
   return sorted(written, key=lambda w: w.index)

@@ -1,11 +1,12 @@
 """Log-likelihood of ABC files under a NotaGen checkpoint, one JSON line per file.
 
-  python -m notagen_jax.loglik --checkpoint=PATH [--weights_dtype=int8] FILE.abc...
+  python -m notagen_jax.loglik --checkpoint=PATH [--weights_dtype=int8] [--output=OUT] FILE.abc...
 
 Each piece is tokenized with the training encoding (stream markers, head cut to patch_length) and
 scored on every real target character: n_chars, mean_nll (nats per char) and sum_logprob.
 --weights_dtype scores the weights as sampling with that dtype stores them (`sampling.as_stored`),
-which shows what bfloat16 or int8 sampling costs in likelihood.
+which shows what bfloat16 or int8 sampling costs in likelihood. The lines are printed, and with
+--output also written to OUT. Every path may be local or a gs:// URL.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flax import nnx
 from notagen_jax import checkpoint
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
+from notagen_jax import storage
 from notagen_jax.data import tokenizer
 
 # Pieces are padded to a multiple of this many patches so that few lengths get compiled.
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="a checkpoint directory, or a NotaGen .pth / .safetensors")
   parser.add_argument("--weights_dtype", choices=sampling.WEIGHT_DTYPES,
                       help="score the weights as sampling stores them in this dtype")
+  parser.add_argument("--output", help="a file that gets the JSON lines too")
   parser.add_argument("files", nargs="+")
   args = parser.parse_args(argv)
   model = checkpoint.load_model(args.checkpoint)
@@ -58,10 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     model = sampling.as_stored(model, args.weights_dtype)
   patchilizer = tokenizer.Patchilizer(patch_size=model.cfg.patch_size,
                                       patch_length=model.cfg.patch_length)
+  lines = []
   for path in args.files:
-    with open(path, encoding="utf-8") as f:
-      ids = patchilizer.encode_train(f.read())
-    print(json.dumps({"file": path, **score_ids(model, ids)}), flush=True)
+    ids = patchilizer.encode_train(storage.path(path).read_text(encoding="utf-8"))
+    lines.append(json.dumps({"file": path, **score_ids(model, ids)}))
+    print(lines[-1], flush=True)
+  if args.output:
+    storage.path(args.output).write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Input: a folder of MusicXML / ABC / Humdrum files, or `music21` for music21's bundled corpus.
 Output: DIR/pieces, DIR/interleaved, DIR/report.json, and the tokenized shards under DIR/shards.
+Every path may be local or a gs:// URL (shards for gs:// are built locally, then uploaded).
 """
 
 from absl import app

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import pathlib
 import time
 import types
 from typing import Callable, Sequence
@@ -26,11 +26,13 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from matplotlib import figure
 
 from notagen_jax import config as config_lib
 from notagen_jax import model as model_lib
 from notagen_jax import planning
+from notagen_jax import storage
 from notagen_jax import trainer
 from notagen_jax.data import shards
 
@@ -166,18 +168,18 @@ def plan_run(c: ml_collections.ConfigDict, run: Run) -> Plan:
 class Sweep:
   """A checked sweep: its runs, the rows of those already finished, plans for the rest."""
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
-  output_dir: pathlib.Path
+  workdir: epath.Path
+  output_dir: epath.Path
   runs: list[Run]
   finished: dict[str, dict]
   plans: dict[str, Plan]
 
   @property
-  def csv_path(self) -> pathlib.Path:
+  def csv_path(self) -> epath.Path:
     return self.output_dir / CSV_NAME
 
   @property
-  def png_path(self) -> pathlib.Path:
+  def png_path(self) -> epath.Path:
     return self.output_dir / PNG_NAME
 
 
@@ -188,7 +190,7 @@ def _settings(config: dict) -> dict:
   return d
 
 
-def plan_sweep(c: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> Sweep:
+def plan_sweep(c: ml_collections.ConfigDict, workdir: epath.PathLike | None = None) -> Sweep:
   """Checks every value and plans every unfinished run; trains nothing.
 
   `workdir` (default `config.workdir`) gets a folder per run. Raises ValueError or
@@ -198,8 +200,8 @@ def plan_sweep(c: ml_collections.ConfigDict, workdir: str | pathlib.Path | None 
   c.workdir = str(workdir or c.workdir)
   validate(c)
   check_inputs(c)
-  workdir = pathlib.Path(c.workdir)
-  output_dir = pathlib.Path(c.sweep.output_dir or workdir)
+  workdir = storage.path(c.workdir)
+  output_dir = storage.path(c.sweep.output_dir or workdir)
   settings_path = output_dir / SETTINGS_NAME
   config = json.loads(c.to_json_best_effort())
   if settings_path.exists():
@@ -255,7 +257,7 @@ def train_run(sweep: Sweep, run: Run) -> dict:
           "patches_seen": plan.patches, "wall_s": wall, **logged}
 
 
-def run_metrics(run_dir: pathlib.Path, steps: int) -> dict:
+def run_metrics(run_dir: epath.Path, steps: int) -> dict:
   """FLOPs and chars trained on (the trainer's counts), last train loss and final eval, from the
   run's metrics.jsonl; a restarted run's lines replace the earlier ones of the same step."""
   lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -271,21 +273,22 @@ def run_metrics(run_dir: pathlib.Path, steps: int) -> dict:
           "eval_bits_per_char": evals[steps]["bits_per_char"]}
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
+def read_rows(path: epath.PathLike) -> list[dict]:
+  path = storage.path(path)
   if not path.exists():
     return []
-  with path.open(newline="") as f:
-    return [{k: v if k in _STR_FIELDS else int(v) if k in _INT_FIELDS else float(v)
-             for k, v in row.items()} for row in csv.DictReader(f)]
+  rows = csv.DictReader(io.StringIO(path.read_bytes().decode(), newline=""))
+  return [{k: v if k in _STR_FIELDS else int(v) if k in _INT_FIELDS else float(v)
+           for k, v in row.items()} for row in rows]
 
 
-def append_row(path: pathlib.Path, row: dict) -> None:
-  new = not path.exists()
-  with path.open("a", newline="") as f:
-    writer = csv.DictWriter(f, FIELDS)
-    if new:
-      writer.writeheader()
-    writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+def append_row(path: epath.PathLike, row: dict) -> None:
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, FIELDS)
+  if not storage.path(path).exists():
+    writer.writeheader()
+  writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+  storage.append_text(path, text.getvalue())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +357,7 @@ def frontier(rows: Sequence[dict]) -> list[dict]:
 
 
 def plot(rows: Sequence[dict], front: Sequence[dict], law: PowerLaw,
-         path: pathlib.Path) -> None:
+         path: epath.Path) -> None:
   """Eval loss against compute (log x), a line per model, the frontier and its fit."""
   fig = figure.Figure(figsize=(7.5, 4.8), layout="constrained")
   ax = fig.add_subplot()
@@ -373,7 +376,7 @@ def plot(rows: Sequence[dict], front: Sequence[dict], law: PowerLaw,
   ax.set_ylabel("final eval loss (nats per char)")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,8 +384,8 @@ class Result:
   rows: list[dict]  # the grid's runs, in grid order
   frontier: list[dict]
   law: PowerLaw
-  csv_path: pathlib.Path
-  png_path: pathlib.Path
+  csv_path: epath.Path
+  png_path: epath.Path
 
 
 def run_sweep(sweep: Sweep, report: Callable[[str], None] = logging.info) -> Result:

@@ -6,11 +6,15 @@ nothing is ever created locally for a remote URL.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
-from typing import Any
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
 
 import tensorboardX
 from etils import epath
@@ -47,6 +51,85 @@ def read_json(file: PathLike) -> Any | None:
     return json.loads(file.read_text())
   except json.JSONDecodeError:
     return None
+
+
+def append_text(file: PathLike, text: str) -> None:
+  """Adds `text` at the end of `file` (made if missing): appended locally, rewritten remotely."""
+  file = path(file)
+  if is_remote(file):
+    file.write_text((file.read_text() if file.exists() else "") + text)
+  else:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+      f.write(text)
+
+
+def save_figure(figure: Any, file: PathLike, **kwargs: Any) -> None:
+  """A Matplotlib figure as a PNG at `file`, drawn in memory (savefig knows only local files)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", **kwargs)
+  path(file).write_bytes(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def local_copy(file: PathLike) -> Iterator[pathlib.Path]:
+  """`file` as a local path for tools that open files themselves (music21): the file itself, or
+  a temporary copy of a remote one (same name, removed on exit)."""
+  if not is_remote(file):
+    yield pathlib.Path(file)
+    return
+  source = path(file)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = pathlib.Path(tmp) / source.name
+    with source.open("rb") as src, local.open("wb") as dst:
+      shutil.copyfileobj(src, dst)
+    yield local
+
+
+@contextlib.contextmanager
+def local_output(file: PathLike) -> Iterator[pathlib.Path]:
+  """A local path for a tool to write `file` to: `file` itself, or a temporary file (same name)
+  uploaded to the remote `file` when the block ends without error."""
+  if not is_remote(file):
+    yield pathlib.Path(file)
+    return
+  target = path(file)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = pathlib.Path(tmp) / target.name
+    yield local
+    copy_file(local, target)
+
+
+def copy_file(source: PathLike, target: PathLike) -> None:
+  """Streams one file between any two places (local or remote)."""
+  with path(source).open("rb") as src, path(target).open("wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def files_under(folder: PathLike) -> list[epath.Path]:
+  """Every file under `folder` at any depth, sorted.
+
+  A walk, as epath refuses recursive globs (many RPCs on GCS); its walk gives remote folders
+  without their `gs://`, so each file is named from `folder` instead.
+  """
+  folder = path(folder)
+  bare = os.fspath(folder).split("://", 1)[-1]
+  files = []
+  for directory, _, names in folder.walk():
+    relative = os.path.relpath(os.fspath(directory), bare)
+    base = folder if relative == "." else folder / relative
+    files += [base / name for name in names]
+  return sorted(files, key=os.fspath)
+
+
+def copy_tree(source: PathLike, target: PathLike) -> None:
+  """Copies every file under the folder `source` to the same place under `target`."""
+  source, target = path(source), path(target)
+  for file in files_under(source):
+    destination = target / file.relative_to(source).as_posix()
+    if not is_remote(destination):
+      destination.parent.mkdir(parents=True, exist_ok=True)
+    copy_file(file, destination)
 
 
 class JsonLines:

@@ -2,16 +2,16 @@
 
 --mode=train: the training encoding (stream markers added; with --seed, the original's random
 stream cut for pieces longer than --patch_length, else the head). --mode=generate: the encoding
-of a prompt to continue.
+of a prompt to continue. FILE may be local or a gs:// URL.
 """
 
 import json
-import pathlib
 import random
 
 from absl import app
 from absl import flags
 
+from notagen_jax import storage
 from notagen_jax.data.tokenizer import Patchilizer
 
 _PATCH_LENGTH = flags.DEFINE_integer("patch_length", 2048, "Patches per sequence.")
@@ -23,7 +23,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of the stream cut (train mode).
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m notagen_jax.tokenize FILE.abc [flags]")
-  path = pathlib.Path(argv[1])
+  path = storage.path(argv[1])
   if not path.is_file():
     raise app.UsageError(f"{path} is not a file")
   text = path.read_text(encoding="utf-8")

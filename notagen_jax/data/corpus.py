@@ -10,12 +10,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
 import re
 from typing import Iterable, Iterator, Mapping
 
+from etils import epath
+
+from notagen_jax import storage
 from notagen_jax.data import abc
 
 MUSICXML_SUFFIXES = (".xml", ".mxl", ".musicxml")
@@ -71,7 +75,7 @@ _ORCHESTRAL_PARTS = 10
 
 @dataclasses.dataclass(frozen=True)
 class PieceSource:
-  """One piece: `path` on disk, `tune` (1-based) for a tune of a multi-tune ABC file."""
+  """One piece: `path` (local or remote), `tune` (1-based) for a tune of a multi-tune ABC file."""
   piece_id: str
   path: str
   tune: int = 0
@@ -79,17 +83,22 @@ class PieceSource:
 
   def to_standard_abc(self) -> str:
     """The piece as xml2abc's standard ABC (raises `abc.PieceError`)."""
-    suffix = pathlib.Path(self.path).suffix.lower()
+    suffix = _suffix(self.path)
     if suffix in MUSICXML_SUFFIXES:
-      data = pathlib.Path(self.path).read_bytes()
+      data = storage.path(self.path).read_bytes()
       if not data.strip():
         raise abc.PieceError("empty file")
       return abc.musicxml_to_abc(data, self.path)
     if suffix == ".abc":
       return abc.musicxml_to_abc(_music21_to_musicxml(abc_tune(self.path, self.tune), "abc"))
     if suffix == ".krn":
-      return abc.musicxml_to_abc(_music21_to_musicxml(pathlib.Path(self.path), "humdrum"))
+      with storage.local_copy(self.path) as local:  # music21 reads Humdrum from a file
+        return abc.musicxml_to_abc(_music21_to_musicxml(local, "humdrum"))
     raise abc.PieceError(f"unsupported file type {suffix!r}")
+
+
+def _suffix(path: str) -> str:
+  return os.path.splitext(path)[1].lower()
 
 
 def _music21_to_musicxml(source: str | pathlib.Path, fmt: str) -> bytes:
@@ -116,7 +125,7 @@ def dedupe(sources: Iterable[PieceSource]) -> tuple[list[PieceSource], list[dict
     by_id.setdefault(source.piece_id, []).append(source)
   kept, left_out = [], []
   for group in by_id.values():
-    group.sort(key=lambda s: (rank[pathlib.Path(s.path).suffix.lower()], s.path))
+    group.sort(key=lambda s: (rank[_suffix(s.path)], s.path))
     kept.append(group[0])
     left_out += [{"file": s.path, "piece_id": s.piece_id, "same_piece_as": group[0].path}
                  for s in group[1:]]
@@ -141,7 +150,7 @@ def split_abc_tunes(text: str) -> list[str]:
 
 
 def abc_tune(path: str, tune: int) -> str:
-  text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+  text = storage.path(path).read_bytes().decode("utf-8", errors="replace")
   tunes = split_abc_tunes(text)
   if not tunes:
     raise abc.PieceError("empty file")
@@ -158,14 +167,14 @@ def piece_id_for(relative_path: str, tune: int = 0) -> str:
   return f"{name}__{tune}" if tune else name
 
 
-def sources_in(root: str | os.PathLike, files: Iterable[pathlib.Path],
+def sources_in(root: str | os.PathLike, files: Iterable[epath.Path],
                metadata_for=lambda rel: {}) -> Iterator[PieceSource]:
-  root = pathlib.Path(root)
-  for path in sorted(files):
+  root = storage.path(root)
+  for path in sorted(files, key=os.fspath):
     rel = str(path.relative_to(root))
     meta = tuple(sorted(metadata_for(rel).items()))
     if path.suffix.lower() == ".abc":
-      text = path.read_text(encoding="utf-8", errors="replace")
+      text = path.read_bytes().decode("utf-8", errors="replace")
       for tune in range(1, len(split_abc_tunes(text)) + 1):
         yield PieceSource(piece_id_for(rel, tune), str(path), tune, meta)
       if not text.strip():
@@ -176,7 +185,7 @@ def sources_in(root: str | os.PathLike, files: Iterable[pathlib.Path],
 
 def folder_sources(folder: str | os.PathLike, index: str | None = None) -> Iterator[PieceSource]:
   """Every supported score under `folder`; metadata from an optional CSV/JSONL index."""
-  folder = pathlib.Path(folder)
+  folder = storage.path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"input folder {str(folder)!r} does not exist")
   table = load_metadata_index(index) if index else {}
@@ -187,7 +196,7 @@ def folder_sources(folder: str | os.PathLike, index: str | None = None) -> Itera
         return table[key]
     return {}
 
-  files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+  files = [p for p in storage.files_under(folder) if p.suffix.lower() in SUPPORTED_SUFFIXES]
   return sources_in(folder, files, metadata_for)
 
 
@@ -199,7 +208,7 @@ def music21_corpus_root() -> pathlib.Path:
 def music21_sources() -> Iterator[PieceSource]:
   """music21's bundled corpus (Bach, Palestrina, Monteverdi, Mozart, ..., folk collections)."""
   root = music21_corpus_root()
-  files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+  files = [p for p in storage.files_under(root) if p.suffix.lower() in SUPPORTED_SUFFIXES]
 
   def metadata_for(rel: str) -> dict[str, str]:
     folder = rel.split(os.sep)[0]
@@ -213,12 +222,12 @@ def music21_sources() -> Iterator[PieceSource]:
 
 def load_metadata_index(path: str | os.PathLike) -> dict[str, dict[str, str]]:
   """A user's index: CSV or JSONL rows with `path` (or `file` / `piece_id`) and prompt fields."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f"metadata index {str(path)!r} does not exist")
   if path.suffix.lower() == ".csv":
-    with path.open(newline="", encoding="utf-8") as f:
-      rows = list(csv.DictReader(f))
+    # Bytes, then text with no newline translation, as the csv module wants its input.
+    rows = list(csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
   else:
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

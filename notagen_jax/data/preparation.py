@@ -18,12 +18,13 @@ import hashlib
 import json
 import multiprocessing
 import os
-import pathlib
 import time
 from typing import Iterable
 
 import tqdm
+from etils import epath
 
+from notagen_jax import storage
 from notagen_jax.data import abc
 from notagen_jax.data import corpus
 
@@ -40,11 +41,11 @@ def _bucket(piece_id: str) -> str:
   return hashlib.sha1(piece_id.encode()).hexdigest()[:2]
 
 
-def piece_path(out_dir: pathlib.Path, piece_id: str) -> pathlib.Path:
+def piece_path(out_dir: epath.Path, piece_id: str) -> epath.Path:
   return out_dir / "pieces" / _bucket(piece_id) / f"{piece_id}.json"
 
 
-def failure_path(out_dir: pathlib.Path, piece_id: str) -> pathlib.Path:
+def failure_path(out_dir: epath.Path, piece_id: str) -> epath.Path:
   return out_dir / "failed" / _bucket(piece_id) / f"{piece_id}.json"
 
 
@@ -66,16 +67,20 @@ def prepare_piece(source: corpus.PieceSource, eval_fraction: float) -> dict:
   }
 
 
-def _write_json(path: pathlib.Path, record: dict) -> None:
+def _write_json(path: epath.Path, record: dict) -> None:
+  text = json.dumps(record, ensure_ascii=True)
+  if storage.is_remote(path):
+    path.write_text(text)  # an object appears only once whole
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(record, ensure_ascii=True))
+  tmp.write_text(text)
   os.replace(tmp, path)  # a killed run never leaves a half-written result behind
 
 
 def _run_one(args: tuple[corpus.PieceSource, str, float]) -> tuple[str, str]:
   source, out_dir, eval_fraction = args
-  out = pathlib.Path(out_dir)
+  out = storage.path(out_dir)
   try:
     record = prepare_piece(source, eval_fraction)
   except abc.PieceError as error:
@@ -84,7 +89,8 @@ def _run_one(args: tuple[corpus.PieceSource, str, float]) -> tuple[str, str]:
     reason = f"{type(error).__name__}: {error}"
   else:
     interleaved = out / "interleaved" / f"{source.piece_id}.abc"
-    interleaved.parent.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(interleaved):
+      interleaved.parent.mkdir(parents=True, exist_ok=True)
     interleaved.write_text(record["interleaved"])
     _write_json(piece_path(out, source.piece_id), record)
     return "ok", ""
@@ -101,17 +107,18 @@ def _reason_kind(reason: str) -> str:
 def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.PathLike,
                    options: PrepareOptions = PrepareOptions()) -> dict:
   """Prepares every source not yet done; returns (and writes) the report."""
-  out = pathlib.Path(out_dir)
+  out = storage.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   sources, duplicates = corpus.dedupe(sources)
   if options.limit:
     sources = sources[:options.limit]
+  existing = _results(out)
   todo = []
   for source in sources:
-    if piece_path(out, source.piece_id).exists():
+    if os.fspath(piece_path(out, source.piece_id)) in existing:
       continue
     failed = failure_path(out, source.piece_id)
-    if failed.exists():
+    if os.fspath(failed) in existing:
       if not options.retry_failed:
         continue
       failed.unlink()
@@ -139,19 +146,28 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
   return report
 
 
-def build_report(out: pathlib.Path, sources: list[corpus.PieceSource], eval_fraction: float,
+def _results(out: epath.Path) -> set[str]:
+  """The piece and failure files already in `out`, listed once (not a lookup per piece: each is
+  a request in an object store)."""
+  return {os.fspath(path) for folder in ("pieces", "failed")
+          for path in storage.files_under(out / folder)}
+
+
+def build_report(out: epath.Path, sources: list[corpus.PieceSource], eval_fraction: float,
                  seconds: float, processed: int) -> dict:
   """Counts over every requested piece (this run's and earlier runs' results)."""
   failures, splits, index = [], collections.Counter(), []
+  existing = _results(out)
   for source in sources:
     path = piece_path(out, source.piece_id)
-    if path.exists():
+    failed = failure_path(out, source.piece_id)
+    if os.fspath(path) in existing:
       split = corpus.split_of(source.piece_id, eval_fraction)
       splits[split] += 1
       index.append({"piece_id": source.piece_id, "split": split,
-                    "file": str(path.relative_to(out))})
-    elif failure_path(out, source.piece_id).exists():
-      failures.append(json.loads(failure_path(out, source.piece_id).read_text()))
+                    "file": path.relative_to(out).as_posix()})
+    elif os.fspath(failed) in existing:
+      failures.append(json.loads(failed.read_text()))
   (out / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in index))
   kinds = collections.Counter(_reason_kind(f["reason"]) for f in failures)
   return {

@@ -35,12 +35,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import tempfile
 from typing import Any, Iterable
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from notagen_jax import storage
 from notagen_jax.data import abc
 from notagen_jax.data.tokenizer import Patchilizer, chunk, text_lines
 
@@ -101,7 +103,7 @@ def encode_piece(piece: dict[str, Any], patch_size: int = 16,
 
 def piece_example(path: str, patch_size: int, with_prompt: bool) -> tuple[str, dict[str, Any]]:
   """(key, record) of one piece file; module-level so that Beam can pickle it."""
-  piece = json.loads(epath.Path(path).read_text())
+  piece = json.loads(storage.path(path).read_text())
   return piece["piece_id"], encode_piece(piece, patch_size, with_prompt)
 
 
@@ -112,16 +114,13 @@ def piece_paths_by_split(prepared_dir: epath.PathLike) -> dict[str, list[str]]:
   `split` field, one serial pass that is slow on a large corpus.
   """
   by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
-  prepared_dir = epath.Path(prepared_dir)
+  prepared_dir = storage.path(prepared_dir)
   index = prepared_dir / "index.jsonl"
   if index.exists():
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     entries = sorted((str(prepared_dir / row["file"]), row["split"]) for row in rows)
   else:
-    # walk, not a `**` glob: epath refuses recursive globs (they mean many RPCs on GCS).
-    pieces_dir = prepared_dir / "pieces"
-    paths = sorted(directory / name for directory, _, names in pieces_dir.walk()
-                   for name in names if name.endswith(".json"))
+    paths = [p for p in storage.files_under(prepared_dir / "pieces") if p.suffix == ".json"]
     entries = [(str(path), json.loads(path.read_text())["split"]) for path in paths]
   for path, split in entries:
     if split not in by_split:
@@ -198,20 +197,34 @@ def build_shards(prepared_dir: epath.PathLike, out_dir: epath.PathLike, patch_si
 
   A build of the same config and version already there is reused: after changing the prepared
   data, build into a new out_dir (or bump `NotagenShards.VERSION` when the record format changes).
-  beam_options: `apache_beam.options.pipeline_options.PipelineOptions` to generate with Beam.
+  beam_options: `apache_beam.options.pipeline_options.PipelineOptions` to generate with Beam
+  (straight into out_dir: its workers need not share a disk with this process).
+
+  ArrayRecord cannot write to an object store, so without Beam a `gs://` out_dir gets shards built
+  in a local temporary folder and then uploaded.
   """
   name = config_name(patch_size, with_prompt)
   config = next((c for c in NotagenShards.BUILDER_CONFIGS if c.name == name),
                 ShardsConfig(name=name, patch_size=patch_size, with_prompt=with_prompt))
-  builder = NotagenShards(config=config, data_dir=epath.Path(out_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=epath.Path(prepared_dir), beam_options=beam_options))
-  return epath.Path(builder.data_dir)
+  download_config = tfds.download.DownloadConfig(manual_dir=storage.path(prepared_dir),
+                                                 beam_options=beam_options)
+  if beam_options is not None or not storage.is_remote(out_dir):
+    builder = NotagenShards(config=config, data_dir=storage.path(out_dir))
+    builder.download_and_prepare(download_config=download_config)
+    return epath.Path(builder.data_dir)
+  with tempfile.TemporaryDirectory() as tmp:
+    builder = NotagenShards(config=config, data_dir=tmp)
+    built = epath.Path(builder.data_dir)
+    target = storage.path(out_dir) / built.relative_to(tmp).as_posix()
+    if not (target / "dataset_info.json").exists():
+      builder.download_and_prepare(download_config=download_config)
+      storage.copy_tree(built, target)
+  return target
 
 
 def open_split(shards_dir: epath.PathLike, split: str = "train") -> Any:
   """Random-access source (len, __getitem__) over one split of a built dataset dir; no TF needed."""
-  return tfds.builder_from_directory(epath.Path(shards_dir)).as_data_source(split=split)
+  return tfds.builder_from_directory(storage.path(shards_dir)).as_data_source(split=split)
 
 
 def key_rows(record: dict[str, Any], key_index: int) -> tuple[np.ndarray, int, np.ndarray]:
