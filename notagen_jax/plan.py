@@ -3,12 +3,19 @@
 Prints the resolved mesh, the parameter count, memory per device (params, grads, AdamW state,
 activations with and without remat), FLOPs per step and the step time at a stated MFU, for a
 named topology (`--devices=v5p-64`, `v4-32`, `v5e-16`, `h100x8`, ...) or a mesh (`--mesh=2,4,1`),
-without those devices. `--devices=cpu` (the default) also compiles the real train step for this
-machine's CPU devices and prints XLA's memory analysis beside the estimate.
+without those devices.
+
+`--compile` compiles the real train step for the devices and prints XLA's memory (per device) and
+FLOPs beside the estimates, and refuses a run whose compiled step does not fit in their memory:
+for `--devices=cpu` (the default, compiled unless `--nocompile`) and for TPU slices, which need
+libtpu (`pip install "jax[tpu]"`) but no TPU:
+
+  python -m notagen_jax.plan --config=configs/dpo.py:large --devices=v5p-64 --compile
 """
 
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -22,17 +29,28 @@ _DEVICES = flags.DEFINE_string("devices", None, "v5p-64, v4-32, v5e-16, v6e-8, h
 _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (one may be -1 with --devices); "
                             "default config.mesh.shape.")
 _MFU = flags.DEFINE_float("mfu", planning.DEFAULT_MFU, "Model FLOPs utilization for the step time.")
+_COMPILE = flags.DEFINE_bool("compile", None, "Compile the train step for the devices (cpu or a "
+                              "TPU slice); default: only for cpu.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
+  if _DEVICES.value not in (None, "cpu"):
+    # A named slice is compiled for through libtpu's description of it: no backend of this host
+    # but its CPU is needed (and a TPU runtime would look for chips that are not here).
+    jax.config.update("jax_platforms", "cpu")
   try:
     mesh = planning.parse_mesh(_MESH.value) if _MESH.value else None
-    result = planning.plan(_CONFIG.value, devices=_DEVICES.value, mesh=mesh, mfu=_MFU.value)
+    result = planning.plan(_CONFIG.value, devices=_DEVICES.value, mesh=mesh, mfu=_MFU.value,
+                           compile=_COMPILE.value)
   except ValueError as error:
     sys.exit(f"plan: {error}")
   print(planning.format_plan(result))
+  try:
+    planning.check_fits(result)
+  except ValueError as error:
+    sys.exit(f"plan: {error}")
 
 
 if __name__ == "__main__":

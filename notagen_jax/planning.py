@@ -5,15 +5,18 @@
 (`sharding.mesh_shape`), counts parameters exactly from `jax.eval_shape` of the model, and shards
 each parameter by the config's logical-axis rules (`sharding.logical_spec` against the mesh's axis
 sizes; no devices needed). Activations are an analytic estimate (`activation_bytes`, formula in
-its docstring). On the local CPU (`devices="cpu"`) the real train step is also compiled ahead of
-time and XLA's own memory analysis is reported beside the estimate.
+its docstring). `compile_step` compiles the real train step ahead of time, for this machine's CPU
+devices or for a Cloud TPU slice described by libtpu (`pip install "jax[tpu]"`, no TPU needed, as
+MaxText's `train_compile.py`), and reports XLA's memory and cost analysis beside the estimates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import time
 import types
 from typing import Any, Sequence
 
@@ -82,6 +85,47 @@ def topology(name: str) -> Topology:
     return Topology(name, n, -(-n // per_node), kind, memory)
   raise ValueError(f"devices {name!r}: expected v4-N, v5p-N, v5e-N, v6e-N, h100xN, h200xN, "
                    "a100xN or cpu")
+
+
+# topology name prefix libtpu knows each generation by
+_TPU_TOPOLOGY_PREFIX = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+
+
+def tpu_devices(t: Topology) -> list[Any]:
+  """The devices of TPU slice `t` as libtpu describes them (coordinates, cores per chip), for
+  compiling on any host; needs libtpu installed, not a TPU.
+
+  Chip grids follow Cloud TPU's slice shapes: v4 / v5p 3D tori growing 2x2x1, 2x2x2, 2x2x4, 2x4x4,
+  4x4x4, ... (wrapped once every side is at least 4), v5e / v6e 2D grids 2x2, 2x4, 4x4, ..., 16x16.
+  """
+  generation = t.name.split("-")[0]
+  three_d = generation in ("v4", "v5p")
+  chips = t.n_devices
+  if chips & (chips - 1) or chips < (4 if three_d else 1):
+    raise ValueError(f"devices {t.name!r}: compiling needs a power-of-two slice "
+                     f"({'at least 4 chips' if three_d else 'v5e-1, v5e-4, v5e-8, ...'})")
+  dims = [2, 2, 1] if three_d else ([2, 2] if chips >= 4 else [1, 1])
+  while math.prod(dims) < chips:
+    smallest = min(dims)
+    last = max(i for i, d in enumerate(dims) if d == smallest)
+    dims[last] *= 2
+  # What libtpu would otherwise ask a TPU VM's metadata server for (warning at length where there
+  # is none), and leave to a training run on the same VM the chips' lockfile it would take.
+  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", t.name),
+                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(name, value)
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{_TPU_TOPOLOGY_PREFIX[generation]}:"
+        + "x".join(map(str, dims)), chip_config_name="megacore" if three_d else "default",
+        chips_per_host_bounds=(2, 2, 1) if chips >= 4 else (1, 1, 1), num_slices=1,
+        wrap=(three_d and min(dims) >= 4,) * 3)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"devices {t.name!r}: libtpu could not describe the slice ({error}); "
+                     "install it with pip install \"jax[tpu]==" + jax.__version__ + "\"") from None
+  return list(desc.devices)
 
 
 def fake_mesh(shape: Sequence[int]) -> Any:
@@ -192,7 +236,7 @@ class Plan:
   flops_per_step: float
   peak_flops: float | None
   mfu: float
-  aot: dict[str, dict[str, float]] | None = None  # remat off / on -> XLA memory analysis
+  compiled: Compiled | None = None
 
   @property
   def n_devices(self) -> int:
@@ -221,8 +265,12 @@ def parse_mesh(text: str) -> tuple[int, ...]:
 
 def plan(c: ml_collections.ConfigDict, devices: str | None = None,
          mesh: Sequence[int] | None = None, mfu: float = DEFAULT_MFU,
-         compile_cpu: bool = True) -> Plan:
-  """The plan of config `c` on `devices` (a topology name) and/or `mesh` (may hold one -1)."""
+         compile: bool | None = None) -> Plan:  # pylint: disable=redefined-builtin
+  """The plan of config `c` on `devices` (a topology name) and/or `mesh` (may hold one -1).
+
+  `compile` (default: only for `cpu`) also compiles the real train step for the devices: this
+  machine's CPU, or a TPU slice through libtpu.
+  """
   if devices is None and mesh is None:
     devices = "cpu"
   topo = topology(devices) if devices else None
@@ -250,38 +298,102 @@ def plan(c: ml_collections.ConfigDict, devices: str | None = None,
                 activation_bytes(cfg, rows * pieces, c.model.patch_length, remat=False),
                 activation_bytes(cfg, rows * pieces, c.model.patch_length, remat=True),
                 rows, flops, peak, mfu)
-  if topo is not None and topo.name == "cpu" and compile_cpu and c.mode != "dpo":
-    result.aot = {name: aot_memory(c, resolved, remat)
-                  for name, remat in (("no remat", False), ("remat", True))}
+  if compile is None:
+    compile = topo is not None and topo.name == "cpu"
+  if compile:
+    if topo is None or not (topo.name == "cpu" or topo.name.startswith(tuple(_TPUS))):
+      raise ValueError("compiling needs --devices=cpu or a TPU slice (v5p-8, v5e-16, ...); GPUs "
+                       "compile only where they are")
+    result.compiled = compile_step(c, resolved, topo)
   return result
 
 
-def aot_memory(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
-               remat: bool) -> dict[str, float]:
-  """XLA's memory analysis of the real jitted train step, compiled for this machine's CPU devices
-  (nothing is allocated or run). Pre-training / fine-tuning steps only."""
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """The real train step compiled for a target: XLA's figures per device."""
+  target: str  # "cpu" or the topology name
+  seconds: float  # lowering + XLA compilation
+  memory: dict[str, float]  # argument / output / alias / temp / peak bytes
+  flops: float | None  # XLA's cost analysis of one step; None where the backend gives none
+
+
+def _train_batch(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> dict[str, Any]:
+  """The global batch the trainer feeds one step, as ShapeDtypeStructs."""
+  rows, length = c.data.batch_size, c.model.patch_length
+
+  def ints(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
   if c.mode == "dpo":
-    raise ValueError("the ahead-of-time memory analysis covers pretrain / finetune steps")
-  c = ml_collections.ConfigDict(c.to_dict())
-  c.model.remat = remat
-  devices = jax.devices("cpu")[:math.prod(mesh_shape)]
-  mesh = sharding.make_mesh(mesh_shape, devices)
+    batch = {name: ints(rows, length, cfg.patch_size) for name in ("chosen", "rejected")}
+    batch |= {f"{name}_masks": ints(rows, length) for name in ("chosen", "rejected")}
+    if c.dpo.precompute_reference:
+      batch |= {f"ref_{name}_logp": jax.ShapeDtypeStruct((rows,), jnp.float32)
+                for name in ("chosen", "rejected")}
+    return batch
+  batch = {"patches": ints(rows, length, cfg.patch_size), "masks": ints(rows, length)}
+  if c.data.pack:
+    batch |= {"segment_ids": ints(rows, length), "positions": ints(rows, length)}
+  return batch
+
+
+def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
+                 target: Topology) -> Compiled:
+  """Lowers and compiles the trainer's jitted train step (pre-training, fine-tuning or DPO, with
+  `c`'s remat and layer settings) for `target`'s devices without running or allocating anything:
+  this machine's CPU devices, or a TPU slice through libtpu."""
+  devices = jax.devices("cpu") if target.name == "cpu" else tpu_devices(target)
+  if len(devices) < math.prod(mesh_shape):
+    raise ValueError(f"mesh {tuple(mesh_shape)} needs {math.prod(mesh_shape)} devices, "
+                     f"{target.name} has {len(devices)}")
+  mesh = sharding.make_mesh(mesh_shape, devices[:math.prod(mesh_shape)])
   rules = [tuple(rule) for rule in c.mesh.logical_axis_rules]
   graphdef, rest, state = abstract_state(c)
   # The non-trainable rest (one unused [1, H] tensor) is closed over by the step: make it real.
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
   tx, schedule = trainer.make_optimizer(c)
-  setup = trainer.Setup(c, mesh, trainer.model_config(c), graphdef, rest, state,
-                        sharding.state_shardings(state, mesh, rules), None, tx, schedule)
-  batch = {"patches": jax.ShapeDtypeStruct(
-               (c.data.batch_size, c.model.patch_length, setup.model_cfg.patch_size), jnp.int32),
-           "masks": jax.ShapeDtypeStruct((c.data.batch_size, c.model.patch_length), jnp.int32)}
-  compiled = trainer.make_train_step(setup).lower(state, None, batch).compile()
+  cfg = trainer.model_config(c)
+  state_shardings = sharding.state_shardings(state, mesh, rules)
+  reference = state.params if c.mode == "dpo" and not c.dpo.precompute_reference else None
+  setup = trainer.Setup(c, mesh, cfg, graphdef, rest, state, state_shardings, reference, tx,
+                        schedule)
+  # The longest packed char rows a step can get: the variant that needs the most memory.
+  packed_len = (c.model.patch_length - 1) * cfg.patch_size if cfg.char_packing else None
+  start = time.perf_counter()
+  lowered = trainer.make_train_step(setup).lower(state, reference, _train_batch(c, cfg), packed_len)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    # XLA:TPU refuses to compile a program that cannot fit; say so as check_fits would.
+    raise ValueError(f"does not fit on {target.name}: {str(error).splitlines()[0]}; try "
+                     f"{_FIT_ADVICE}") from None
+  seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
-  out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-         "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
+  memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
+  memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = cost.get("flops") if cost else None
+  return Compiled(target.name, seconds, memory, flops if flops and flops > 0 else None)
+
+
+_FIT_ADVICE = ("--config.model.remat=True, a larger fsdp axis (--mesh) or fewer rows per device "
+               "(--config.data.per_device_batch_size)")
+
+
+def check_fits(p: Plan) -> None:
+  """Raises ValueError when the compiled step needs more memory per device than the target has."""
+  t = p.topology
+  if p.compiled is None or t is None or not t.hbm_bytes:
+    return
+  peak = p.compiled.memory["peak"]
+  if peak > t.hbm_bytes:
+    raise ValueError(
+        f"does not fit: the compiled step needs {_bytes(peak)} per device, {t.name} has "
+        f"{_bytes(t.hbm_bytes)}; try {_FIT_ADVICE}")
 
 
 def _bytes(x: float) -> str:
@@ -324,12 +436,20 @@ def format_plan(p: Plan) -> str:
                  + (f", one block recomputed {_bytes(acts['recompute'])}" if remat else "")
                  + f", backward {_bytes(acts['backward'])}"
                  + f"); total {_bytes(total)}{fits}")
-  if p.aot:
-    for label, m in p.aot.items():
-      estimate = p.total_bytes(label == "remat")
-      lines.append(f"xla {label:<7} compiled step on this CPU: peak {_bytes(m['peak'])} "
-                   f"(arguments {_bytes(m['argument'])}, temp {_bytes(m['temp'])}); "
-                   f"estimate / measured {estimate / m['peak']:.2f}")
+  if p.compiled:
+    x = p.compiled
+    m, remat = x.memory, c.model.remat
+    estimate = p.total_bytes(remat)
+    of = f" of {_bytes(t.hbm_bytes)} ({m['peak'] / t.hbm_bytes:.0%})" if t.hbm_bytes else ""
+    layers = "scanned" if c.model.get("scan_layers") else "unrolled"
+    lines.append(f"compiled    for {x.target} ({'remat' if remat else 'no remat'}, layers "
+                 f"{layers}) in {x.seconds:.1f} s: peak {_bytes(m['peak'])} per device{of} "
+                 f"(arguments {_bytes(m['argument'])}, temp {_bytes(m['temp'])}); estimate / "
+                 f"compiled {estimate / m['peak']:.2f}")
+    if x.flops:
+      per_device = p.flops_per_step / p.n_devices
+      lines.append(f"xla flops   {x.flops:.4g} per device per step; estimate {per_device:.4g} "
+                   f"(estimate / xla {per_device / x.flops:.2f})")
   lines.append(f"flops/step  {p.flops_per_step:.4g} (3 x forward x {c.data.batch_size} rows"
                + (" x 2 for chosen + rejected" if c.mode == "dpo" else "") + ")")
   if p.step_seconds:
