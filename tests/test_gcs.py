@@ -12,9 +12,15 @@ import pytest
 from etils import epath
 
 import gcs_emulator
+import test_dpo_loop
 import torch_reference
+from notagen_jax import generation
+from notagen_jax import sampling
 from notagen_jax import storage
 from notagen_jax import trainer
+from notagen_jax.data import corpus
+from notagen_jax.data import pipeline
+from notagen_jax.data import shards as shards_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "gs://notagen-test"
@@ -37,6 +43,12 @@ def _upload(local: pathlib.Path, remote: str) -> str:
     if file.is_file():
       (epath.Path(remote) / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
   return remote
+
+
+def _no_local_gs(tmp_path):
+  """Nothing was made locally for a gs:// URL."""
+  assert not [p for p in tmp_path.rglob("*") if p.name.startswith("gs:")]
+  assert not (REPO / "gs:").exists()
 
 
 def _env(gcs):
@@ -111,6 +123,122 @@ def test_runs_read_and_write_only_gcs(gcs, corpus_shards, preference_texts, gold
   (tmp_path / "dpo.pth").write_bytes(epath.Path(exported).read_bytes())
   torch_reference.from_state_dict(torch.load(tmp_path / "dpo.pth", weights_only=True)["model"])
 
-  # Nothing was made locally for a gs:// URL.
-  assert not [p for p in tmp_path.rglob("*") if p.name.startswith("gs:")]
-  assert not (REPO / "gs:").exists()
+  _no_local_gs(tmp_path)
+
+
+CHORALES = ("bwv1.6.mxl", "bwv10.7.mxl", "bwv101.7.mxl", "bwv102.7.mxl", "bwv281.krn")
+PROMPT = ("Baroque", "Bach, Johann Sebastian", "Choral")
+
+# The real clamp_dpo entry point with test_dpo_loop's fake sampler (real chorales and broken
+# texts): a tiny random model's pieces would give no preference pairs. argv[1]: the bodies.
+_CLAMP_DPO_FAKE_SAMPLER = """
+import json, random, runpy, sys
+from notagen_jax import sampling
+bodies = json.loads(open(sys.argv.pop(1)).read())
+
+def run(self, prompts, seed=0, on_result=None):
+  rng, results = random.Random(seed), []
+  for i, prompt in enumerate(prompts):
+    body = rng.choice(bodies) if i % 4 else "[r:0/0]zz|\\n" * 3
+    results.append(sampling.Result(i, prompt, prompt + body, True, "", 10, 0, 0.1))
+    on_result(results[-1])
+  return results
+
+sampling.Sampler.run = run
+runpy.run_module("notagen_jax.clamp_dpo", run_name="__main__")
+"""
+
+
+def _files(folder: str) -> set[str]:
+  return {p.relative_to(epath.Path(folder)).as_posix() for p in storage.files_under(folder)}
+
+
+@pytest.mark.slow  # about two minutes: runs in CI's second pass
+def test_entry_points_read_and_write_only_gcs(gcs, golden_dir, tmp_path):
+  """prepare, tokenize, loglik, generate and clamp_dpo, every path a gs:// URL."""
+  root = f"{BUCKET}/entry"
+  scores = f"{root}/scores"
+  for name in CHORALES:
+    epath.Path(f"{scores}/{name}").write_bytes(
+        (corpus.music21_corpus_root() / "bach" / name).read_bytes())
+  epath.Path(f"{scores}/index.csv").write_text("path,period,composer,instrumentation\n" + "".join(
+      f'{name},{PROMPT[0]},"{PROMPT[1]}",{PROMPT[2]}\n' for name in CHORALES))
+  init = f"{root}/init/tiny.pth"
+  epath.Path(init).write_bytes((golden_dir / "tiny.pth").read_bytes())
+  env = _env(gcs)
+
+  def run(cmd):
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+  # prepare: scores (MusicXML and Humdrum) and index read from gs://, pieces and shards written
+  # there (the shards built locally, then uploaded); they load, and a second build reuses them.
+  prepared = f"{root}/prepared"
+  out = run([sys.executable, "-m", "notagen_jax.prepare", f"--input={scores}",
+             f"--index={scores}/index.csv", f"--output={prepared}", "--workers=2",
+             "--eval_fraction=0"])
+  assert f"prepared {len(CHORALES)} of {len(CHORALES)} pieces" in out
+  shards_dir = out.split("shards: ")[1].strip()
+  assert shards_dir == f"{prepared}/shards/notagen_shards/p16_prompt/1.0.0"
+  assert {"report.json", "index.jsonl", "dataset_info.json"} <= {
+      name.rsplit("/", 1)[-1] for name in _files(prepared)}
+  records = [json.loads(p.read_text()) for p in storage.files_under(f"{prepared}/pieces")]
+  assert {tuple(r[f] for f in corpus.PROMPT_FIELDS) for r in records} == {PROMPT}
+  source = shards_lib.open_split(shards_dir)
+  assert sorted(source[i]["piece_id"].decode() for i in range(len(source))) == sorted(
+      r["piece_id"] for r in records)
+  batch = next(pipeline.make_iterator(shards_dir, batch_size=2, patch_length=256,
+                                      shuffle=False, num_threads=0))
+  assert batch["masks"].sum() > 0
+  assert str(shards_lib.build_shards(prepared, f"{prepared}/shards")) == shards_dir
+
+  # tokenize and loglik on gs:// ABC files, loglik's lines written to gs:// too.
+  abcs = sorted(str(p) for p in storage.files_under(f"{prepared}/interleaved"))[:2]
+  assert json.loads(run([sys.executable, "-m", "notagen_jax.tokenize", abcs[0],
+                         "--patch_length=256"]))
+  scored = f"{root}/loglik.jsonl"
+  run([sys.executable, "-m", "notagen_jax.loglik", f"--checkpoint={init}", f"--output={scored}",
+       *abcs])
+  rows = [json.loads(line) for line in epath.Path(scored).read_text().splitlines()]
+  assert [row["file"] for row in rows] == abcs and all(row["n_chars"] > 0 for row in rows)
+
+  # generate: a gs:// MusicXML continued, the prompt checked against the gs:// corpus, every
+  # piece written to gs://. A real piece's MusicXML and MIDI go there too (music21 writes MIDI
+  # only to local files).
+  pieces = f"{root}/generated"
+  run([sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={init}", f"--output={pieces}",
+       *(f"--{f}={v}" for f, v in zip(corpus.PROMPT_FIELDS, PROMPT)), f"--known_prompts={prepared}",
+       f"--continue_from={scores}/{CHORALES[0]}", "--bars=2", "--num_pieces=2", "--batch=2",
+       "--max_patches=4"])
+  written = [json.loads(line) for line in (epath.Path(pieces) / "pieces.jsonl").read_text()
+             .splitlines()]
+  assert sorted(w["index"] for w in written) == [0, 1]
+  assert {f"piece_0000{i}.abc" for i in (0, 1)} <= _files(pieces)
+  assert all(epath.Path(f).exists() for w in written for f in w["files"].values())
+  text = json.loads((golden_dir / "cases.json").read_text())["cases"][0]["stream_text"]
+  real = generation.write_piece(sampling.Result(0, "", text, True, "", 10, 0, 1.0), pieces, "real")
+  assert real.errors == {} and epath.Path(real.files["mid"]).read_bytes()[:4] == b"MThd"
+
+  # clamp_dpo: one iteration (samples, scores, pairs, a 2-step DPO, the trained policy's
+  # samples) in a gs:// workdir, from the gs:// checkpoint and prepared corpus.
+  bodies = tmp_path / "bodies.json"
+  with_markers = test_dpo_loop._with_markers  # pylint: disable=protected-access
+  bodies.write_text(json.dumps([with_markers(r["augmented"][key]) for r in records
+                                for key in ("C", "G")]))
+  dpo = f"{root}/clamp_dpo"
+  run([sys.executable, "-c", _CLAMP_DPO_FAKE_SAMPLER, str(bodies),
+       f"--config={REPO}/configs/clamp_dpo.py:quickstart", f"--workdir={dpo}",
+       f"--config.init_checkpoint={init}", f"--config.ground_truth.prepared_dir={prepared}",
+       "--config.iterations=1", "--config.sample.num_pieces=8", "--config.sample.batch=4",
+       "--config.select.fraction=0.25", "--config.scorer.workers=1",
+       "--config.train.train.num_steps=2"])
+  done = _files(dpo)
+  assert {"config.json", "summary.json", "summary.txt", "score.png",
+          "iteration_0/preferences.json", "iteration_0/scores.json",
+          "iteration_0/samples/samples.json", "iteration_1/samples/samples.json"} <= done
+  assert trainer.final_params_step(f"{dpo}/iteration_0/train/{trainer.FINAL_PARAMS}") == 2
+  summary = json.loads(epath.Path(f"{dpo}/summary.json").read_text())
+  assert [r["iteration"] for r in summary] == [0, 1]
+
+  _no_local_gs(tmp_path)
