@@ -78,11 +78,9 @@ def local_copy(file: PathLike) -> Iterator[pathlib.Path]:
   if not is_remote(file):
     yield pathlib.Path(file)
     return
-  source = path(file)
   with tempfile.TemporaryDirectory() as tmp:
-    local = pathlib.Path(tmp) / source.name
-    with source.open("rb") as src, local.open("wb") as dst:
-      shutil.copyfileobj(src, dst)
+    local = pathlib.Path(tmp) / path(file).name
+    copy_file(file, local)
     yield local
 
 
@@ -120,16 +118,6 @@ def files_under(folder: PathLike) -> list[epath.Path]:
     base = folder if relative == "." else folder / relative
     files += [base / name for name in names]
   return sorted(files, key=os.fspath)
-
-
-def copy_tree(source: PathLike, target: PathLike) -> None:
-  """Copies every file under the folder `source` to the same place under `target`."""
-  source, target = path(source), path(target)
-  for file in files_under(source):
-    destination = target / file.relative_to(source).as_posix()
-    if not is_remote(destination):
-      destination.parent.mkdir(parents=True, exist_ok=True)
-    copy_file(file, destination)
 
 
 class JsonLines:

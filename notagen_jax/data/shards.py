@@ -47,6 +47,7 @@ from notagen_jax.data import abc
 from notagen_jax.data.tokenizer import Patchilizer, chunk, text_lines
 
 SPLITS = ("train", "eval")
+_INFO = "dataset_info.json"  # a built dataset's description: TFDS reuses a build that has it
 
 
 @dataclasses.dataclass(eq=False)
@@ -216,9 +217,11 @@ def build_shards(prepared_dir: epath.PathLike, out_dir: epath.PathLike, patch_si
     builder = NotagenShards(config=config, data_dir=tmp)
     built = epath.Path(builder.data_dir)
     target = storage.path(out_dir) / built.relative_to(tmp).as_posix()
-    if not (target / "dataset_info.json").exists():
+    if not (target / _INFO).exists():
       builder.download_and_prepare(download_config=download_config)
-      storage.copy_tree(built, target)
+      # The info file last: it marks a finished build, so a cut-off upload is not reused.
+      for file in sorted(storage.files_under(built), key=lambda f: f.name == _INFO):
+        storage.copy_file(file, target / file.relative_to(built).as_posix())
   return target
 
 
