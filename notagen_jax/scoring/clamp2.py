@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 from unidecode import unidecode
 
+from notagen_jax import storage
+
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
 # The original's BertConfig: num_attention_heads = M3_HIDDEN_SIZE // 64, layer_norm_eps default.
@@ -409,7 +411,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The music-branch tensors (float32 numpy) of a CLaMP 2 `.pth`: `{'checkpoint_model': sd}`,
   `{'model': sd, 'epoch': ..., ...}` as CLaMP 2 saves it, or a bare state dict."""
   import torch  # pylint: disable=import-outside-toplevel
-  obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+  with storage.path(path).open("rb") as f:  # local or gs:// (a seekable fsspec file)
+    obj = torch.load(f, map_location="cpu", weights_only=True)
   for wrapper in ("checkpoint_model", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]
