@@ -242,3 +242,14 @@ def test_entry_points_read_and_write_only_gcs(gcs, golden_dir, tmp_path):
   assert [r["iteration"] for r in summary] == [0, 1]
 
   _no_local_gs(tmp_path)
+
+
+@pytest.mark.slow  # starts the emulator: runs in CI's second pass
+def test_clamp2_checkpoint_from_gcs(gcs, golden_dir):
+  from notagen_jax.scoring import clamp2  # pylint: disable=import-outside-toplevel
+  remote = f"{BUCKET}/clamp2/clamp2_tiny.pth"
+  epath.Path(remote).write_bytes((golden_dir / "clamp2_tiny.pth").read_bytes())
+  local, loaded = (clamp2.load_state_dict(golden_dir / "clamp2_tiny.pth"),
+                   clamp2.load_state_dict(remote))
+  assert local.keys() == loaded.keys()
+  assert all((local[k] == loaded[k]).all() for k in local)
