@@ -2,8 +2,9 @@
 
 Our tree is `nnx.to_pure_dict(nnx.state(model))` (Params and the one `Extra`); the state dict uses
 the original's HF GPT-2 names. The same map drives both directions, and every conversion is a
-transpose or a reshape, so torch -> ours -> torch is bit-identical. torch is imported only to read or
-write `.pth` files.
+transpose or a reshape, so torch -> ours -> torch is bit-identical. The same hook carries Adam's
+moments (trees shaped like the params) into torch.optim.AdamW's state. torch is imported only to
+read or write `.pth` files and optimizer state.
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def _get(tree: Mapping, path: Path) -> Any:
   return tree
 
 
+def _has(tree: Mapping, path: Path) -> bool:
+  for key in path:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
+
+
 def _set(tree: dict, path: Path, value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -149,13 +158,63 @@ def params_from_state_dict(state_dict: Mapping[str, Any],
   return cfg, params
 
 
+def torch_layout(tree: Mapping, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
+  """The tensors of `tree` (our params, or a tree shaped like them such as Adam's moments; entries
+  may be missing) under their state-dict keys and in torch's layout, float32."""
+  shapes = torch_shapes(cfg)
+  return {key: _convert(np.asarray(_get(tree, path), np.float32), kind, shapes[key])
+          for path, key, kind in name_map(cfg) if _has(tree, path)}
+
+
 def state_dict_from_params(params: Mapping, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
   """NotaGen's state dict (float32 numpy, original key order) from our pure param dict."""
-  shapes = torch_shapes(cfg)
-  flat = {key: _convert(np.asarray(_get(params, path), np.float32), kind, shapes[key])
-          for path, key, kind in name_map(cfg)}
+  flat = torch_layout(params, cfg)
   flat[LM_HEAD] = flat[CHAR_WTE]
-  return {key: flat[key] for key in shapes}
+  return {key: flat[key] for key in torch_shapes(cfg)}
+
+
+def parameter_keys(cfg: model_lib.ModelConfig) -> list[str]:
+  """The state-dict keys of the original's `model.parameters()`, in its order (the tied lm_head
+  is wte's parameter, listed once)."""
+  return [key for key in torch_shapes(cfg) if key != LM_HEAD]
+
+
+def adamw_state_dict(mu: Mapping, nu: Mapping, count: int, cfg: model_lib.ModelConfig, *,
+                     lr: float, betas: tuple[float, float], eps: float,
+                     weight_decay: float) -> dict:
+  """torch.optim.AdamW's state_dict from our Adam state: moments `mu`, `nu` (pure dicts shaped like
+  the params, each carried by its parameter's transform) after `count` updates.
+
+  One param group over `parameter_keys`, as the original's `AdamW(model.parameters(), lr=...)`
+  has, or its load_state_dict refuses the file; so `weight_decay` applies to every parameter
+  there. A parameter without moments (the patch decoder's wte, which never gets a gradient) has
+  no state, as in torch.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  exp_avg, exp_avg_sq = torch_layout(mu, cfg), torch_layout(nu, cfg)
+  keys = parameter_keys(cfg)
+  tensor = lambda value: torch.from_numpy(np.array(value, np.float32))
+  state = {i: {"step": torch.tensor(float(count), dtype=torch.float32),
+               "exp_avg": tensor(exp_avg[key]), "exp_avg_sq": tensor(exp_avg_sq[key])}
+           for i, key in enumerate(keys) if key in exp_avg}
+  # torch's own group fields (they change across versions) around our hyper-parameters.
+  group = torch.optim.AdamW([torch.zeros(0)], lr=lr, betas=tuple(betas), eps=eps,
+                            weight_decay=weight_decay).state_dict()["param_groups"][0]
+  return {"state": state, "param_groups": [{**group, "params": list(range(len(keys)))}]}
+
+
+def lr_scheduler_state_dict(base_lr: float, lr: float, updates: int) -> dict:
+  """The state_dict of the original's scheduler (transformers' get_constant_schedule_with_warmup,
+  a LambdaLR) after `updates` optimizer updates, `lr` being the next update's learning rate.
+
+  A LambdaLR stores its position and learning rates, not its function: loaded into the original's,
+  it goes on from `updates` with the original's warmup.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  optimizer = torch.optim.AdamW([torch.zeros(0)], lr=base_lr)
+  state = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0).state_dict()
+  state.update(last_epoch=updates, _step_count=updates + 1, _last_lr=[lr])
+  return state
 
 
 def _our_shapes(cfg: model_lib.ModelConfig) -> dict[Path, tuple[int, ...]]:
@@ -178,14 +237,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {key: value.detach().to(torch.float32).numpy() for key, value in state_dict.items()}
 
 
-def save_pth(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-  """`{'model': state_dict}` with lm_head sharing wte's storage, as the original saves it."""
+def save_pth(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
+             extra: Mapping[str, Any] | None = None) -> None:
+  """`{'model': state_dict, **extra}` with lm_head sharing wte's storage, as the original saves
+  it; `extra` holds the rest of a training checkpoint (optimizer, lr_sched, epoch, ...)."""
   import torch  # pylint: disable=import-outside-toplevel
   tensors = {key: torch.from_numpy(np.array(value, np.float32))
              for key, value in state_dict.items() if key != LM_HEAD}
   tensors[LM_HEAD] = tensors[CHAR_WTE]
   buffer = io.BytesIO()
-  torch.save({"model": {key: tensors[key] for key in state_dict}}, buffer)
+  torch.save({"model": {key: tensors[key] for key in state_dict}, **(extra or {})}, buffer)
   storage.path(path).write_bytes(buffer.getvalue())
 
 

@@ -1,19 +1,26 @@
-"""Checkpoint porting: name map, round trips, errors, the entry points."""
+"""Checkpoint porting: name map, round trips, errors, the entry points, optimizer state."""
 
+import copy
 import json
 
 import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 
 import torch_reference
 from notagen_jax import checkpoint
+from notagen_jax import config as config_lib
 from notagen_jax import loglik
 from notagen_jax import model as model_lib
 from notagen_jax import port
+from notagen_jax import sharding
 from notagen_jax import torch_port
+from notagen_jax import trainer
+from notagen_jax.data import pipeline
+from notagen_jax.data import shards
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,9 @@ def _keys(path):
 
 def test_round_trip_is_bit_identical(original, ported):
   exported = torch.load(ported / "tiny.pth", weights_only=True)
-  assert list(exported) == ["model"]
+  # What the original's train-gen.py reads of a pretrained checkpoint; no run: its start values.
+  assert list(exported) == ["model", "epoch", "best_epoch", "min_eval_loss"]
+  assert (exported["epoch"], exported["best_epoch"], exported["min_eval_loss"]) == (0, 0, 100.0)
   exported = exported["model"]
   assert list(exported) == list(original)
   for key, value in original.items():
@@ -147,3 +156,171 @@ def test_loglik_entry_point(golden_dir, tmp_path, capsys):
     assert line["n_chars"] == case["n_target_chars"]
     np.testing.assert_allclose(line["mean_nll"], case["loss"], rtol=1e-4)
     np.testing.assert_allclose(line["sum_logprob"], case["sum_char_logprob"], rtol=1e-4)
+
+
+# A run whose optimizer state has everything make_optimizer can put there: clipping (binding),
+# accumulation over 2 train steps, a warmup still under way, and weight decay.
+RUN_STEPS, ACCUM, WARMUP_UPDATES, CLIP = 4, 2, 5, 0.1
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus_shards, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  c = config_lib.base_config("pretrain", "tiny")
+  c.data.shards_dir = str(corpus_shards)
+  c.data.num_threads = 0
+  c.model.patch_length = 64
+  c.model.dropout = 0.0  # both sides deterministic
+  c.train.num_steps = RUN_STEPS
+  c.train.eval_every = c.train.checkpoint_every = 2
+  c.train.eval_batches = 1
+  c.optimizer.grad_accum_steps = ACCUM
+  c.optimizer.warmup_steps = WARMUP_UPDATES * ACCUM
+  c.optimizer.clip_norm = CLIP
+  trainer.train_and_evaluate(c, str(workdir))
+  port.main(["to-torch", str(workdir), str(workdir / "resume.pth"), "--optimizer_state"])
+  return workdir
+
+
+def _batches(run, n):
+  c = run.config
+  ds = pipeline.make_dataset(c.data.shards_dir, batch_size=c.data.batch_size,
+                             patch_length=c.model.patch_length, key_sampling="original",
+                             stream_cut=False, shuffle=False, num_threads=0)
+  return [batch for _, batch in zip(range(n), ds)]
+
+
+def _decays(key):
+  """Whether our AdamW decays this tensor (trainer._decay_mask: not biases, not LayerNorms)."""
+  return not (key.endswith(".bias") or ".ln_" in key)
+
+
+def test_exported_optimizer_resumes_as_our_next_update(trained_run):
+  run = port.find_run(trained_run)
+  assert run.step == RUN_STEPS
+  c, cfg = run.config, trainer.model_config(run.config)
+  batches = _batches(run, ACCUM)
+
+  # Our next update: ACCUM train steps from the restored state, on the run's mesh.
+  setup = trainer.build_setup(c)
+  state = port.restore_train_state(run)
+  old = torch_port.torch_layout(nnx.to_pure_dict(state.params), cfg)
+  state = jax.device_put(state, setup.state_shardings)
+  train_step = trainer.make_train_step(setup)  # donates the state
+  for batch in batches:
+    state, _ = train_step(state, None, sharding.global_batch(batch, setup.mesh))
+  ours = torch_port.torch_layout(nnx.to_pure_dict(state.params), cfg)
+
+  # The same update in torch, built and stepped as the original's train-gen.py (with RL/train.py's
+  # clip), the scheduler attached to the optimizer it drives.
+  saved = torch.load(trained_run / "resume.pth", map_location="cpu")
+  model = torch_reference.from_state_dict(saved["model"])  # strict; eval(): no dropout
+  optimizer = torch.optim.AdamW(model.parameters(), lr=c.optimizer.learning_rate)
+  lr_sched = transformers.get_constant_schedule_with_warmup(optimizer, WARMUP_UPDATES)
+  optimizer.load_state_dict(saved["optimizer"])
+  lr_sched.load_state_dict(saved["lr_sched"])
+  lr = optimizer.param_groups[0]["lr"]
+  assert lr == pytest.approx(float(setup.schedule(RUN_STEPS)))
+  for batch in batches:
+    loss = model(torch.from_numpy(batch["patches"]).long(),
+                 torch.from_numpy(batch["masks"]).long())["loss"]
+    (loss / ACCUM).backward()
+  assert torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP) > CLIP  # the clip binds
+  optimizer.step()
+  lr_sched.step()
+  assert lr_sched.get_last_lr()[0] == pytest.approx(float(setup.schedule(RUN_STEPS + ACCUM)))
+
+  # torch's single param group decays biases and LayerNorms too, which ours does not: by
+  # exactly lr * weight_decay * the old weight.
+  wd = c.optimizer.weight_decay
+  theirs = dict(model.named_parameters())
+  worst = 0.0
+  for key, value in ours.items():
+    expected = value if _decays(key) else value - lr * wd * old[key]
+    got = theirs[key].detach().numpy()
+    worst = max(worst, float(np.max(np.abs(got - expected))) / lr)
+    # Up to float32 rounding of the weights (an ulp of 1.0 is 1.5e-3 lr here).
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=1e-3 * lr, err_msg=key)
+  print(f"largest difference: {worst:.2e} x lr")
+
+  # And the moments after the update, through the same export.
+  after = port.optimizer_state(run, state)["optimizer"]["state"]
+  for i, key in enumerate(torch_port.parameter_keys(cfg)):
+    if key not in ours:
+      assert i not in optimizer.state_dict()["state"]  # the unused wte: no gradient, no state
+      continue
+    torch_state = optimizer.state_dict()["state"][i]
+    assert torch_state["step"].item() == after[i]["step"].item() == RUN_STEPS // ACCUM + 1
+    for moment in ("exp_avg", "exp_avg_sq"):
+      np.testing.assert_allclose(torch_state[moment].numpy(), after[i][moment].numpy(),
+                                 rtol=1e-4, atol=1e-6 * float(after[i][moment].abs().max()),
+                                 err_msg=f"{key} {moment}")
+
+
+def test_original_train_gen_loads_the_exports(trained_run, capsys):
+  """train-gen.py's two loading paths, line for line: the pretrained checkpoint (fine-tuning's
+  start) and LOAD_FROM_CHECKPOINT's resume."""
+  port.main(["to-torch", str(trained_run / trainer.FINAL_PARAMS),
+             str(trained_run / "final.pth")])
+  run = port.find_run(trained_run)
+  n_train = len(shards.open_split(run.config.data.shards_dir, "train"))
+  epoch_at = lambda step: step * run.config.data.batch_size // n_train
+  evals = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+  best = min((row for row in evals if row["split"] == "eval"), key=lambda row: row["loss"])
+
+  saved = torch.load(trained_run / "resume.pth", weights_only=True)
+  assert list(saved) == ["model", "optimizer", "lr_sched", "epoch", "best_epoch", "min_eval_loss"]
+  assert saved["epoch"] == epoch_at(RUN_STEPS) > 0
+  assert saved["best_epoch"] == epoch_at(best["step"])
+  assert saved["min_eval_loss"] == best["loss"]
+
+  cfg = trainer.model_config(run.config)
+  model = torch_reference.NotaGen(cfg.patch_length, cfg.patch_layers, cfg.char_layers,
+                                  cfg.hidden)
+  learning_rate = run.config.optimizer.learning_rate
+  optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+  lr_scheduler = transformers.get_constant_schedule_with_warmup(optimizer=optimizer,
+                                                                 num_warmup_steps=1000)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+
+  pretrained = torch.load(trained_run / "final.pth", map_location="cpu")
+  cpu_model = copy.deepcopy(model)
+  cpu_model.load_state_dict(pretrained["model"])
+  model.load_state_dict(cpu_model.state_dict())
+  print(f"Successfully Loaded Pretrained Checkpoint at Epoch {pretrained['epoch']} with Loss "
+        f"{pretrained['min_eval_loss']}")
+  assert (pretrained["epoch"], pretrained["min_eval_loss"]) == (saved["epoch"],
+                                                                saved["min_eval_loss"])
+
+  checkpoint_ = torch.load(trained_run / "resume.pth", map_location="cpu")
+  cpu_model = copy.deepcopy(model)
+  cpu_model.load_state_dict(checkpoint_["model"])
+  model.load_state_dict(cpu_model.state_dict())
+  optimizer.load_state_dict(checkpoint_["optimizer"])
+  lr_scheduler.load_state_dict(checkpoint_["lr_sched"])
+  pre_epoch = checkpoint_["epoch"]
+  best_epoch = checkpoint_["best_epoch"]
+  min_eval_loss = checkpoint_["min_eval_loss"]
+  print("Successfully Loaded Checkpoint from Epoch %d" % pre_epoch)
+  assert f"from Epoch {saved['epoch']}" in capsys.readouterr().out
+  assert (best_epoch, min_eval_loss) == (saved["best_epoch"], saved["min_eval_loss"])
+  assert lr_scheduler.last_epoch == RUN_STEPS // ACCUM
+  assert len(optimizer.state) == len(torch_port.parameter_keys(cfg)) - 1  # all but the unused wte
+
+
+def test_run_sources_and_progress_at_a_step(trained_run):
+  evals = {row["step"]: row["loss"] for row in map(
+      json.loads, (trained_run / "metrics.jsonl").read_text().splitlines())
+      if row["split"] == "eval"}
+  assert port.find_run(trained_run / trainer.FINAL_PARAMS).step == RUN_STEPS
+  early = port.find_run(trained_run / "checkpoints" / "2")
+  assert early.step == port.find_run(trained_run, step=2).step == 2
+  assert port.run_progress(early)["min_eval_loss"] == evals[2]  # later evals do not count
+  with pytest.raises(ValueError, match="holds step 2, not step 4"):
+    port.find_run(trained_run / "checkpoints" / "2", step=4)
+
+
+def test_optimizer_state_needs_a_run(golden_dir, tmp_path):
+  with pytest.raises(ValueError, match="training run"):
+    port.main(["to-torch", str(golden_dir / "tiny.pth"), str(tmp_path / "x.pth"),
+               "--optimizer_state"])
