@@ -253,16 +253,18 @@ def build_setup(c: ml_collections.ConfigDict,
   abstract_state = jax.eval_shape(init_state, abstract_params, key)
   shardings = sharding.state_shardings(abstract_state, mesh, rules)
   reference = None
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if c.init_checkpoint:
     params, rest = _load_init_params(c, cfg, abstract_params)
     params = jax.device_put(params, shardings.params)
+    # On the mesh, not on this host's first device: Orbax exports only global arrays.
+    rest = jax.device_put(rest, replicated)
     state = jax.jit(init_state, out_shardings=shardings)(params, key)
   else:
     # Sharded initialization: each device computes only its shard, no full copy anywhere.
     def fresh(key):
       _, params, rest = init_model(key)
       return init_state(params, key), rest
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state, rest = jax.jit(fresh, out_shardings=(shardings, replicated))(key)
   if c.mode == "dpo" and not c.dpo.precompute_reference:
     reference = jax.tree.map(jnp.copy, state.params)  # frozen: never passed to the optimizer
