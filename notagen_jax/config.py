@@ -36,6 +36,10 @@ def base_config(mode: str, size: str = "small") -> ml_collections.ConfigDict:
   c.model.patch_length = model_lib.SIZES[size][0]
   c.model.dtype = "float32"
   c.model.remat = False
+  # Each decoder's blocks compiled once and scanned over layers (compile time flat in depth); the
+  # numbers and the checkpoints' per-layer params are the same either way. Best with remat: without
+  # it a scanned step keeps more activations (model.SCAN_SAVED).
+  c.model.scan_layers = False
   # DPO compares the policy's log-probs with the reference's: both need the same dropout, and the
   # precomputed reference has none (see c.dpo below).
   c.model.dropout = 0.0 if mode == "dpo" else 0.1

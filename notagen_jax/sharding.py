@@ -34,6 +34,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", None),
     ("kv", None),
     ("position", None),
+    ("layers", None),  # blocks stacked for `scan_layers`: each device keeps its slice of each
 )
 
 

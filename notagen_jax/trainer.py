@@ -73,7 +73,7 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   return model_lib.config_for(
       (c.model.patch_length, patch_layers, char_layers, hidden), dtype=c.model.dtype,
       remat=c.model.remat, dropout=c.model.dropout, patch_sampling=c.model.patch_sampling,
-      char_packing=c.model.char_packing)
+      char_packing=c.model.char_packing, scan_layers=c.model.scan_layers)
 
 
 def forward_flops(cfg: model_lib.ModelConfig, n_patches: int) -> float:

@@ -12,8 +12,11 @@ from flax import nnx
 
 import torch_reference
 from notagen_jax import checkpoint
+from notagen_jax import config as config_lib
 from notagen_jax import model as model_lib
+from notagen_jax import sharding
 from notagen_jax import torch_port
+from notagen_jax import trainer
 
 forward = nnx.jit(model_lib.forward, static_argnames=("deterministic", "packed_len"))
 next_char_probs = nnx.jit(model_lib.next_char_probs)
@@ -289,3 +292,117 @@ def test_presets():
   assert model_lib.ModelConfig.from_json(large.to_json()) == large
   with pytest.raises(ValueError, match="multiple of the head size"):
     model_lib.ModelConfig(hidden=100)
+
+
+def _scan_pair(**overrides):
+  """A random 3+2-layer model, unrolled and with `scan_layers`, holding the same weights."""
+  cfg = model_lib.config_for((32, 3, 2, 64), **overrides)
+  unrolled = model_lib.create(cfg, seed=1)
+  params = nnx.to_pure_dict(nnx.state(unrolled))
+  return unrolled, checkpoint.build(dataclasses.replace(cfg, scan_layers=True), params)
+
+
+def _random_batch(rows=3, length=24):
+  rng = np.random.default_rng(0)
+  patches = rng.integers(1, 128, (rows, length, 16)).astype(np.int32)
+  patches[:, :, 12:] *= rng.random((rows, length, 1)) < 0.5  # some patches end in pad chars
+  mask = np.ones((rows, length), np.int32)
+  mask[1, length // 2:] = 0
+  patches[1, length // 2:] = 0
+  return patches, mask
+
+
+@pytest.mark.parametrize("overrides", [{"patch_sampling": 9},
+                                       {"char_packing": True, "remat": True}])
+def test_scan_layers_same_numbers(overrides):
+  """Scanned layers give the unrolled model's outputs, loss and gradients, dropout included: the
+  layers draw the same dropout keys."""
+  unrolled, scanned = _scan_pair(dropout=0.1, **overrides)
+  patches, mask = _random_batch()
+
+  def loss_fn(m, rngs):
+    out = model_lib.forward(m, patches, mask, deterministic=False, rngs=rngs)
+    return out.loss, out
+
+  grad_fn = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+  (loss, out), grads = grad_fn(unrolled, nnx.Rngs(dropout=3, sampling=4))
+  (scan_loss, scan_out), scan_grads = grad_fn(scanned, nnx.Rngs(dropout=3, sampling=4))
+  np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(scan_out.char_logprob, out.char_logprob, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(scan_out.hidden, out.hidden, rtol=1e-6, atol=1e-6)
+  grads, scan_grads = (nnx.to_pure_dict(nnx.state(g, nnx.Param)) for g in (grads, scan_grads))
+  assert jax.tree.structure(scan_grads) == jax.tree.structure(grads)  # per-layer, as the params
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7),
+               scan_grads, grads)
+
+
+def test_scan_layers_same_numbers_deterministic():
+  unrolled, scanned = _scan_pair()
+  patches, mask = _random_batch()
+  np.testing.assert_allclose(forward(scanned, patches, mask).char_logprob,
+                             forward(unrolled, patches, mask).char_logprob, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(next_char_probs(scanned, patches, mask, patches[:, 5, :3]),
+                             next_char_probs(unrolled, patches, mask, patches[:, 5, :3]),
+                             atol=1e-7)
+
+
+def test_scan_layers_checkpoints_are_per_layer(tmp_path):
+  """A checkpoint saved with scanned layers restores unrolled and the other way round, and both
+  port to the same torch state dict."""
+  unrolled, scanned = _scan_pair()
+  assert (jax.tree.structure(nnx.to_pure_dict(nnx.state(scanned))) ==
+          jax.tree.structure(nnx.to_pure_dict(nnx.state(unrolled))))
+  checkpoint.save_params(tmp_path / "scanned", scanned)
+  checkpoint.save_params(tmp_path / "unrolled", unrolled)
+  expected = checkpoint.export_state_dict(unrolled)
+  for saved, scan_layers in (("scanned", False), ("unrolled", True), ("scanned", True)):
+    restored = checkpoint.restore_params(tmp_path / saved, scan_layers=scan_layers)
+    assert restored.cfg.scan_layers == scan_layers
+    exported = checkpoint.export_state_dict(restored)
+    assert list(exported) == list(expected)
+    for key, value in expected.items():
+      np.testing.assert_array_equal(exported[key], value)
+  exported = checkpoint.export_state_dict(scanned)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(exported[key], value)
+
+
+def test_stacked_layers_have_a_replicated_layers_axis():
+  cfg = model_lib.config_for((32, 3, 2, 128))
+  stacked = nnx.eval_shape(
+      lambda: model_lib.stack_layers(model_lib.NotaGen(cfg, nnx.Rngs(0)).patch.blocks))
+  assert stacked.qkv.shape == (3, 128, 3, 2, 64)  # [layers, H, q/k/v, heads, head size]
+  specs = nnx.get_partition_spec(nnx.state(stacked, nnx.Param))
+  assert specs["qkv"].get_value() == jax.sharding.PartitionSpec(
+      "layers", "embed", None, "heads", "kv")
+  assert specs["ln_1"]["scale"].get_value() == jax.sharding.PartitionSpec("layers", "embed")
+  mesh = sharding.make_mesh((1, 4, 2), jax.devices())
+  shardings = sharding.state_shardings(nnx.state(stacked, nnx.Param), mesh,
+                                       sharding.DEFAULT_RULES)
+  assert shardings["qkv"].get_value().spec == jax.sharding.PartitionSpec(
+      None, "fsdp", None, "tensor", None)
+  assert shardings["fc"].get_value().spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_scan_layers_sharded_train_step():
+  """The trainer's jitted step on a (2, 2, 2) mesh of 8 CPU devices, dropout on: scanned layers
+  give the unrolled run's loss, gradient norm and updated params."""
+  assert jax.device_count() == 8
+  patches, mask = _random_batch(rows=8, length=32)
+  batch = {"patches": patches, "masks": mask}
+  results = []
+  for scan_layers in (False, True):
+    c = config_lib.base_config("pretrain", "tiny")
+    c.model.update(patch_length=32, scan_layers=scan_layers)
+    c.mesh.shape = (2, 2, 2)
+    c.optimizer.warmup_steps = 0
+    setup = trainer.build_setup(c)
+    assert setup.model_cfg.scan_layers == scan_layers
+    state, metrics = trainer.make_train_step(setup)(
+        setup.state, None, sharding.global_batch(batch, setup.mesh))
+    results.append((jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)),
+                    {k: float(metrics[k]) for k in ("loss", "grad_norm")}))
+  (params, metrics), (scan_params, scan_metrics) = results
+  assert scan_metrics == pytest.approx(metrics, rel=1e-5)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
+               scan_params, params)
