@@ -444,12 +444,14 @@ def format_plan(p: Plan) -> str:
     m, remat = x.memory, c.model.remat
     estimate = p.total_bytes(remat)
     of = f" of {_bytes(t.hbm_bytes)} ({m['peak'] / t.hbm_bytes:.0%})" if t.hbm_bytes else ""
-    layers = "scanned" if c.model.get("scan_layers") else "unrolled"
+    layers = "scanned" if c.model.scan_layers else "unrolled"
     lines.append(f"compiled    for {x.target} ({'remat' if remat else 'no remat'}, layers "
                  f"{layers}) in {x.seconds:.1f} s: peak {_bytes(m['peak'])} per device{of} "
                  f"(arguments {_bytes(m['argument'])}, temp {_bytes(m['temp'])}); estimate / "
                  f"compiled {estimate / m['peak']:.2f}")
-    if x.flops:
+    if c.model.scan_layers:
+      lines.append("xla flops   n/a: XLA's cost analysis counts a scanned layer once")
+    elif x.flops:
       per_device = p.flops_per_step / p.n_devices
       lines.append(f"xla flops   {x.flops:.4g} per device per step; estimate {per_device:.4g} "
                    f"(estimate / xla {per_device / x.flops:.2f})")
