@@ -52,7 +52,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT_PROMPT = "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
 NEW_PATCHES = 64
-TARGETS = {("short", 1): 8.0, ("short", 32): 40.0, ("long", 1): 30.0}  # from the issue
+# The speed-up over the original-style baseline each case aims for.
+TARGETS = {("short", 1): 8.0, ("short", 32): 40.0, ("long", 1): 30.0}
 
 
 def _setup_threads(threads: int) -> None:

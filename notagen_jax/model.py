@@ -393,7 +393,7 @@ def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array) -> jax.Arra
     return jnp.einsum("bnts,bnsd->bntd", probs, v.astype(q.dtype))
 
   if (q.shape[2] == 1 and q.dtype == cache.k.dtype == cache.v.dtype == jnp.float32 and
-      jax.default_backend() == "cpu" and cpu_kernels.available()):
+      cpu_kernels.available()):
     return jax.lax.platform_dependent(q, cache.k, cache.v, start, cpu=cpu_kernels.attention,
                                       default=xla)
   return xla(q, cache.k, cache.v, start)
@@ -524,8 +524,7 @@ def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight | ColumnBlockWeight
     kernel = cpu_kernels.matmul_int8 if few_rows else None
   else:
     kernel = cpu_kernels.matmul if w.dtype == jnp.bfloat16 and few_rows else None
-  if (kernel is not None and x.dtype == jnp.float32 and jax.default_backend() == "cpu" and
-      cpu_kernels.available()):
+  if kernel is not None and x.dtype == jnp.float32 and cpu_kernels.available():
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=xla_dot)
   return xla_dot(x, w)
 
