@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+import notagen_reference as reference
 from notagen_jax.data import abc
 from notagen_jax.data import pipeline
 from notagen_jax.data import shards
@@ -87,7 +88,7 @@ def test_key_frequencies(train_records, key_sampling):
   assert chi_squared_is_plausible(counts, probs)
 
 
-def test_stream_crop_matches_tokenizer(built, train_records):
+def test_stream_crop_matches_reference(built, train_records):
   pieces, _ = built
   by_id = {r["piece_id"].decode(): r for r in train_records}
   cuts = 0
@@ -99,17 +100,18 @@ def test_stream_crop_matches_tokenizer(built, train_records):
       text = piece["augmented"][abc.KEYS[k]]
       for seed in range(6):
         for patch_length in (32, 64):
-          patchilizer = Patchilizer(patch_length=patch_length)
           crop = pipeline.stream_crop(rows, n_metadata, cut_points, patch_length,
                                       random.Random(seed))
-          assert crop.tolist() == patchilizer.encode_train(piece["prompt"] + text,
-                                                           rng=random.Random(seed))
+          assert crop.tolist() == reference.encode_train(piece["prompt"] + text, patch_length,
+                                                         random.Random(seed))
           dropped = np.concatenate([rows[:1], rows[1 + n_prompt:]])
           crop = pipeline.stream_crop(dropped, n_metadata - n_prompt, cut_points, patch_length,
                                       random.Random(seed))
-          assert crop.tolist() == patchilizer.encode_train(text, rng=random.Random(seed))
-          cuts += crop[n_metadata - n_prompt].tolist() != rows[n_metadata].tolist()
-  assert cuts > 20
+          patches, kept_from = reference.encode_train_patches(text, patch_length,
+                                                              random.Random(seed))
+          assert crop.tolist() == reference.to_ids(patches)
+          cuts += kept_from > 0
+  assert cuts > 20  # the loop does exercise the cut, not only the head
 
 
 def test_batches_are_the_crops_of_their_keys(shards_dir, train_records):
@@ -217,8 +219,7 @@ def test_preference_batches(tmp_path, golden_dir):
                                    shard_index=0, shard_count=1)
   batches = list(ds)
   assert len(batches) == 2
-  patchilizer = Patchilizer(patch_length=128)
-  encode = lambda text: patchilizer.encode_train(text, stream=False, body_rule="starts_marker")
+  encode = lambda text: reference.encode_train(text, 128, dpo=True)
   seen = set()
   for batch in batches:
     assert batch["chosen"].shape == batch["rejected"].shape == (2, 128, 16)
@@ -230,12 +231,11 @@ def test_preference_batches(tmp_path, golden_dir):
       j = next(j for j, t in enumerate(texts[1:]) if encode(t) == pair["rejected"])
       assert batch["ref_chosen_logp"][row] == ref["chosen"][i]
       assert batch["ref_rejected_logp"][row] == ref["rejected"][j]
+      # The stream text's markers are kept as they are, not added again: after the bos patch,
+      # the row decodes to the text and the eos patch's chr(1) (or a prefix, cut at 128 patches).
+      assert (texts[i] + chr(1)).startswith(Patchilizer().decode(pair["chosen"][1:]))
       seen.add((i, j))
   assert seen == set(itertools.product(range(2), range(2)))
-  # The stream text's markers are kept as they are, not added again.
-  full = Patchilizer(patch_length=10**6).encode_train(texts[0], stream=False,
-                                                      body_rule="starts_marker")
-  assert Patchilizer().decode(full[1:-1]) == texts[0]
 
 
 def test_worker_processes_give_the_same_batches(shards_dir):

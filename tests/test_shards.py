@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+import notagen_reference as reference
 from notagen_jax.data import abc
 from notagen_jax.data import shards
-from notagen_jax.data.tokenizer import Patchilizer, choose_stream_start
+from notagen_jax.data.tokenizer import choose_stream_start
 
 PROMPT = "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
 
@@ -57,7 +58,6 @@ def records(shards_dir, split):
 
 def test_round_trip(built):
   pieces, shards_dir = built
-  patchilizer = Patchilizer(patch_length=10**6)
   train, evals = records(shards_dir, "train"), records(shards_dir, "eval")
   assert sorted(train) == sorted(p["piece_id"] for p in pieces if p["split"] == "train")
   assert sorted(evals) == ["chorale3"]
@@ -73,27 +73,25 @@ def test_round_trip(built):
       text = piece["prompt"] + piece["augmented"][key]
       ids, n_metadata, cut_points = shards.key_rows(record, k)
       assert ids.dtype == np.uint8
-      expected = patchilizer.encode_train(text)
-      assert ids.tolist() == expected
-      assert patchilizer.decode(ids) == patchilizer.decode(expected)
-      encoding = patchilizer.full_encoding(text)
-      assert n_metadata == len(encoding.metadata)
-      assert cut_points.tolist() == encoding.cut_points
+      assert ids.tolist() == reference.encode_train(text, 10**6)
+      metadata_lines, body_lines = reference.training_lines(text)
+      assert n_metadata == 1 + sum(len(reference.split_patches(line)) for line in metadata_lines)
+      body = reference.tunebody_patches(body_lines) + [reference.EOS_PATCH]
+      assert cut_points.tolist() == [0] + [i + 1 for i, patch in enumerate(body) if "\n" in patch]
       # Dropping the prompt rows gives exactly the encoding of the text without the prompt.
       dropped = np.concatenate([ids[:1], ids[1 + n_prompt:]])
-      assert dropped.tolist() == patchilizer.encode_train(piece["augmented"][key])
+      assert dropped.tolist() == reference.encode_train(piece["augmented"][key], 10**6)
 
 
 def test_default_build_needs_neither_beam_nor_tensorflow(built):
   assert "apache_beam" not in sys.modules and "tensorflow" not in sys.modules
 
 
-def test_stream_cut_on_ids_matches_tokenizer(built):
+def test_stream_cut_on_ids_matches_reference(built):
   pieces, shards_dir = built
   train = records(shards_dir, "train")
   cuts = 0
   for patch_length in (32, 200):
-    patchilizer = Patchilizer(patch_length=patch_length)
     for piece in pieces[:3]:
       for k in (0, 7, 14):
         ids, n_metadata, cut_points = shards.key_rows(train[piece["piece_id"]], k)
@@ -102,19 +100,21 @@ def test_stream_cut_on_ids_matches_tokenizer(built):
           start = choose_stream_start(cut_points.tolist(), len(ids), patch_length,
                                       random.Random(seed))
           cut = np.concatenate([ids[:n_metadata], ids[n_metadata + start:]])[:patch_length]
-          assert cut.tolist() == patchilizer.encode_train(text, rng=random.Random(seed))
-          cuts += start > 0
-  assert cuts > 20
+          patches, kept_from = reference.encode_train_patches(text, patch_length,
+                                                              random.Random(seed))
+          assert cut.tolist() == reference.to_ids(patches)
+          assert start == cut_points[kept_from]
+          cuts += kept_from > 0
+  assert cuts > 20  # the loop does exercise the cut, not only the head
 
 
 def test_no_prompt_config(tmp_path, golden_dir):
   pieces = write_prepared(tmp_path / "prepared", golden_dir)
   shards_dir = shards.build_shards(tmp_path / "prepared", tmp_path / "out", with_prompt=False)
   assert shards_dir.parent.name == "p16_no_prompt"
-  patchilizer = Patchilizer(patch_length=10**6)
   train = records(shards_dir, "train")
   piece = pieces[0]
   record = train[piece["piece_id"]]
   assert int(record["n_prompt_patches"]) == 0
-  assert shards.key_rows(record, 1)[0].tolist() == patchilizer.encode_train(
-      piece["augmented"]["C"])
+  assert shards.key_rows(record, 1)[0].tolist() == reference.encode_train(
+      piece["augmented"]["C"], 10**6)

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import notagen_reference as reference
 from notagen_jax.data import tokenizer
 from notagen_jax.data.tokenizer import Patchilizer
 
@@ -17,6 +18,8 @@ def cases(golden_dir):
 def test_golden_patch_ids(cases):
   patchilizer = Patchilizer(patch_length=256)
   for case in cases:
+    # The reference the property tests below rely on reproduces the original's output too.
+    assert reference.encode_train(case["input_text"], 256) == case["patch_ids"], case["name"]
     assert patchilizer.encode_train(case["input_text"]) == case["patch_ids"], case["name"]
     assert patchilizer.encode_train(case["input_text"], rng=random.Random(0)) == case["patch_ids"]
 
@@ -27,54 +30,6 @@ def test_decode_gives_stream_text(cases):
     decoded = patchilizer.decode(case["patch_ids"])
     # The bos patch decodes to fifteen chr(1), the eos patch to one.
     assert decoded == chr(1) * 15 + case["stream_text"] + chr(1)
-
-
-# A literal transcription of the original's algorithm (spec section 2), exceptions included, used
-# as the reference for the property tests below.
-def _reference_split_bars(lines):
-  bars = []
-  try:
-    for line in lines:
-      items = [x for x in tokenizer._BARLINE_SPLIT.split(line) if x]
-      if len(items) == 1:
-        line_bars = items
-      else:
-        if items[0] in tokenizer.BARLINES:
-          line_bars = [items[i] + items[i + 1] for i in range(0, len(items), 2)]
-        else:
-          line_bars = [items[0]] + [items[i] + items[i + 1] for i in range(1, len(items), 2)]
-        if "V" not in line_bars[-1]:
-          line_bars[-2] += line_bars[-1]
-          line_bars = line_bars[:-1]
-      bars += line_bars
-  except IndexError:
-    pass
-  return bars
-
-
-def _reference_encode_train(text, patch_length, rng):
-  size = 16
-  p = Patchilizer(patch_length=patch_length)
-  lines = tokenizer.text_lines(text)
-  split = tokenizer.body_index(lines)
-  meta_lines, body_lines = lines[:split], lines[split:]
-  body_lines = [f"[r:{i}/{len(body_lines) - i - 1}]" + l for i, l in enumerate(body_lines)]
-  meta = [p.bos_patch] + [c for l in meta_lines for c in tokenizer.chunk(l, size)]
-  def body_of(ls):
-    return [c for bar in _reference_split_bars(ls) for c in tokenizer.chunk(bar, size)]
-  body = body_of(body_lines) + [p.eos_patch]
-  patches = meta + body
-  if len(meta) + len(body) > patch_length:
-    cuts = [0] + [i + 1 for i, patch in enumerate(body) if "\n" in patch]
-    end = len(meta) + len(body) - patch_length
-    allowed = cuts[:next((k for k, c in enumerate(cuts) if c >= end), len(cuts) - 1) + 1]
-    choices = ["head"] if len(allowed) == 1 else (
-        ["head", "tail"] if len(allowed) == 2 else ["head", "tail", "middle"])
-    choice = rng.choice(choices)
-    if choice != "head":
-      k = len(allowed) - 1 if choice == "tail" else rng.choice(range(1, len(allowed) - 1))
-      patches = meta + body_of(body_lines[k:]) + [p.eos_patch]
-  return p.to_ids(patches[:patch_length])
 
 
 _note = st.sampled_from(list("abcdefgABCDEFGz,'/2348 ^_=()-.!~") + ["[ceg]", "{g}", '"^dolce"'])
@@ -100,7 +55,10 @@ def _pieces(draw, max_lines=40):
 @given(piece=_pieces(), patch_length=st.integers(8, 80), seed=st.integers(0, 2**32 - 1))
 def test_stream_cut_matches_reference(piece, patch_length, seed):
   ours = Patchilizer(patch_length=patch_length).encode_train(piece, rng=random.Random(seed))
-  assert ours == _reference_encode_train(piece, patch_length, random.Random(seed))
+  assert ours == reference.encode_train(piece, patch_length, random.Random(seed))
+  # Without an rng nothing is cut: the head, truncated.
+  assert (Patchilizer(patch_length=patch_length).encode_train(piece)
+          == reference.encode_train(piece, patch_length))
 
 
 @settings(max_examples=150, deadline=None)
@@ -110,18 +68,22 @@ def test_training_encoding_is_metadata_plus_suffix_of_lines(piece, patch_length,
   ids = patchilizer.encode_train(piece, rng=random.Random(seed))
   assert 1 <= len(ids) <= patch_length
   assert all(len(patch) == 16 for patch in ids)
-  encoding = patchilizer.full_encoding(piece)
-  meta_text = "".join(encoding.metadata).replace(chr(2), "")
-  lines = tokenizer.text_lines(piece)
-  split = tokenizer.body_index(lines)
-  marked = [tokenizer.stream_marker(i, len(lines[split:])) + line
-            for i, line in enumerate(lines[split:])]
+  # The pieces drawn here always split, so every body line survives.
+  lines = piece.rstrip("\n").split("\n")
+  split = next(i for i, line in enumerate(lines) if line.startswith("[V:"))
+  meta_text = "".join(line + "\n" for line in lines[:split])
+  body = lines[split:]
+  marked = [f"[r:{i}/{len(body) - 1 - i}]{line}\n" for i, line in enumerate(body)]
   decoded = patchilizer.decode(ids)
-  # Some suffix of the body lines (then the eos patch) follows the metadata; only the final
-  # truncation to patch_length may shorten the result.
-  candidates = [meta_text + "".join(marked[k:]) + chr(1) for k in range(len(marked) + 1)]
-  assert any(c.startswith(decoded) for c in candidates)
-  full = len(encoding.metadata) + len(encoding.body)
+  # A suffix of the body lines (from the line the reference's cut keeps; possibly none), then the
+  # eos patch, follows the metadata; only the final truncation to patch_length may shorten it.
+  candidates = [chr(1) * 15 + meta_text + "".join(marked[k:]) + chr(1)
+                for k in range(len(marked) + 1)]
+  _, kept_from = reference.encode_train_patches(piece, patch_length, random.Random(seed))
+  assert candidates[kept_from].startswith(decoded)
+  metadata, body_lines = reference.training_lines(piece)
+  full = (1 + sum(len(reference.split_patches(line)) for line in metadata)
+          + len(reference.tunebody_patches(body_lines)) + 1)
   if full <= patch_length:
     assert decoded == candidates[0]
     assert ids[-1] == [1] + [2] * 15
@@ -132,7 +94,7 @@ def test_training_encoding_is_metadata_plus_suffix_of_lines(piece, patch_length,
                                max_size=8).map(lambda items: "".join(items) + "\n"),
                       min_size=1, max_size=6))
 def test_split_bars_matches_reference_including_failures(lines):
-  assert tokenizer.split_bars(lines) == _reference_split_bars(lines)
+  assert tokenizer.split_bars(lines) == reference.split_bars(lines)
 
 
 def test_split_failure_drops_the_line_and_all_later_ones():
@@ -141,31 +103,37 @@ def test_split_failure_drops_the_line_and_all_later_ones():
 
 
 def test_stream_cut_points_are_line_starts(cases):
-  patchilizer = Patchilizer(patch_length=64)
-  encoding = patchilizer.full_encoding(cases[0]["input_text"])
-  n_lines = cases[0]["stream_text"].count("[r:")
-  assert len(encoding.cut_points) == n_lines + 1
-  for point in encoding.cut_points[1:-1]:
-    assert encoding.body[point].startswith("[r:")
+  for case in cases:
+    encoding = Patchilizer(patch_length=64).full_encoding(case["input_text"])
+    n_lines = case["stream_text"].count("[r:")
+    # A marker is shorter than a patch, so it always opens the first patch of its line.
+    starts = [i for i, patch in enumerate(encoding.body) if patch.startswith("[r:")]
+    assert len(starts) == n_lines
+    for i, point in enumerate(starts):
+      assert encoding.body[point].startswith(f"[r:{i}/{n_lines - 1 - i}]")
+    # Every line start, then the eos patch (one past the last line's "\n").
+    assert encoding.cut_points == starts + [len(encoding.body) - 1]
+    assert encoding.body[-1] == chr(1) + chr(2) * 15
 
 
 def test_long_piece_every_cut_is_one_the_original_could_make(cases):
-  """Over many seeds, our cuts are exactly the set of starts the original's rules allow."""
+  """Over many seeds on a real piece: the original's draws, and every cut it allows is drawn."""
   patch_length = 64
   patchilizer = Patchilizer(patch_length=patch_length)
   text = cases[0]["input_text"]
-  encoding = patchilizer.full_encoding(text)
-  overflow = len(encoding.metadata) + len(encoding.body) - patch_length
-  allowed = [p for p in encoding.cut_points if p < overflow]
-  allowed.append(next(p for p in encoding.cut_points if p >= overflow))
+  metadata_lines, body_lines = reference.training_lines(text)
+  n_metadata = 1 + sum(len(reference.split_patches(line)) for line in metadata_lines)
+  body = reference.tunebody_patches(body_lines) + [reference.EOS_PATCH]
+  n_allowed = len(reference.allowed_cuts(n_metadata, body, patch_length))
+  assert n_allowed >= 4  # head, tail and more than one middle cut
   seen = set()
   for seed in range(400):
     ids = patchilizer.encode_train(text, rng=random.Random(seed))
-    n_meta = len(encoding.metadata)
-    start = next(p for p in allowed
-                 if patchilizer.to_ids(encoding.body[p:p + 1]) == ids[n_meta:n_meta + 1])
-    seen.add(start)
-  assert seen == set(allowed)
+    patches, kept_from = reference.encode_train_patches(text, patch_length, random.Random(seed))
+    assert ids == reference.to_ids(patches)
+    assert patchilizer.decode(ids[n_metadata:n_metadata + 1]).startswith(f"[r:{kept_from}/")
+    seen.add(kept_from)
+  assert seen == set(range(n_allowed))
 
 
 def test_generate_encoding_leaves_last_bar_open():
