@@ -3,8 +3,8 @@
 The pre-training config, trained at every shape of `sweep.models` once per compute budget of
 `sweep.budgets`, each run for the steps whose model FLOPs (the trainer's count: 3 x the forward
 over real patches) reach its budget, with warmup and a cosine decay ending at its last step.
-Variants: `cpu` (4 shapes x 3 budgets: about 10 minutes on a 2-core x86_64 CPU, on 1,000 pieces of
-music21's corpus) and `smoke` (2 x 2 tiny runs of a few steps: the tests').
+Variants: `cpu` (4 shapes x 3 budgets on 1,000 pieces of music21's corpus; its figures, timing and
+machine are in docs/scaling.md) and `smoke` (2 x 2 tiny runs of a few steps: the tests').
 """
 
 import ml_collections
