@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -71,12 +72,32 @@ def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
                                 tmp_path, settings=settings, batch=2, progress=False)
   assert [w.index for w in written] == [0, 1, 2]
   records = [json.loads(line) for line in (tmp_path / "pieces.jsonl").read_text().splitlines()]
-  assert sorted(r["index"] for r in records) == [0, 1, 2]
-  for w in written:
-    assert pathlib.Path(w.files["abc"]).read_text().startswith("%Baroque\n")
-    assert w.patches == 6
-  summary = generation.summary(written)
-  assert summary["pieces"] == 3 and 0.0 <= summary["musicxml_share"] <= 1.0
+  assert sorted(records, key=lambda r: r["index"]) == [dataclasses.asdict(w) for w in written]
+  texts = [pathlib.Path(w.files["abc"]).read_text() for w in written]
+  for w, text in zip(written, texts):
+    assert text.startswith("%Baroque\n%Bach, Johann Sebastian\n%Choral\n")
+    assert (w.patches, w.ok, w.reason, w.chars) == (6, True, "stopped after 6 patches", len(text))
+    # Six patches of a random tiny model are noise with no `[V:` line: only the raw ABC is
+    # written, and the failed conversion is named.
+    assert set(w.files) == {"abc"}
+    assert w.errors == {"unreduced": "no tune body (no line contains [V:)"}
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "piece_00000.abc", "piece_00001.abc", "piece_00002.abc", "pieces.jsonl"]
+  assert generation.summary(written) == {"pieces": 3, "complete": 3, "musicxml_share": 0.0,
+                                         "midi_share": 0.0, "chars": sum(map(len, texts))}
+
+
+def test_summary_counts_shares_of_converted_pieces():
+  def piece(index, ok, formats, chars):
+    files = {"abc": f"{index}.abc", **{f: f"{index}.{f}" for f in formats}}
+    return generation.Written(index, str(index), ok, "", 4, chars, 1.0, files, {})
+  written = [piece(0, True, ["unreduced", "xml", "mid"], 100),
+             piece(1, False, ["unreduced", "xml"], 20),
+             piece(2, True, [], 7)]
+  assert generation.summary(written) == {"pieces": 3, "complete": 2, "musicxml_share": 0.667,
+                                         "midi_share": 0.333, "chars": 127}
+  assert generation.summary([]) == {"pieces": 0, "complete": 0, "musicxml_share": 0.0,
+                                    "midi_share": 0.0, "chars": 0}
 
 
 def test_generate_entry_point(golden_dir, tmp_path):
