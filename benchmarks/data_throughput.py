@@ -7,7 +7,7 @@ The sample is every k-th piece of music21's bundled corpus (all formats: MusicXM
 Humdrum), so pieces/s reflects the corpus mix. The loader runs the fine-tuning settings (nearby key
 sampling, stream cut) at batch 8, patch_length 2048, shuffled. The model rate is measured: a jitted
 forward+backward of the small model (12/3/768, fp32, char packing) on one 1024-patch loader row, in
-real patches per second (a 2048-patch row costs more than twice as much on this CPU).
+real patches per second (a 2048-patch row costs more than twice as much).
 """
 
 from __future__ import annotations
