@@ -4,7 +4,8 @@
 
 One jitted chain of `--layers` GPT-2 blocks' four products (q/k/v 768x2304, attention out 768x768,
 MLP 768x3072 and 3072x768; 15 layers = the small model's 3 char layers + 12 patch layers, 212 MB in
-bfloat16, more than a CPU's last-level cache holds), each fed the previous one's output so nothing is skipped.
+bfloat16, more than a CPU's last-level cache holds), each fed the previous one's output so nothing
+is skipped.
 Per row count: XLA's float32 dot on float32 weights, XLA's dot on bfloat16 weights (x cast to
 bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_kernels.matmul` on
 the same bfloat16 weights, `cpu_kernels.matmul_int8` on them quantized (`model.Int8Weight`) and
