@@ -1,24 +1,47 @@
 import json
 import pathlib
 import random
+import re
 
+import numpy as np
 import pytest
 
+import notagen_reference as reference
 from configs import clamp_dpo
 from notagen_jax import dpo_loop
 from notagen_jax import sampling
-from notagen_jax.data import tokenizer
+from notagen_jax.data import abc
+from notagen_jax.scoring import symbolic
 
 PROMPT = ("Baroque", "Bach, Johann Sebastian", "Choral")
 
 
 def _with_markers(text):
   """A prepared piece as the sampler writes it: `[r:i/j]` on every body line."""
-  lines = tokenizer.text_lines(text)
-  split = tokenizer.body_index(lines)
-  body = lines[split:]
-  return "".join(lines[:split] + [tokenizer.stream_marker(i, len(body)) + line
-                                  for i, line in enumerate(body)])
+  return "".join(sum(reference.training_lines(text), []))
+
+
+def _cosine(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+def _expected_scores(prepared, texts):
+  """Each text's symbolic score, computed here: cosine to the mean ground-truth feature."""
+  embedder = symbolic.SymbolicEmbedder()
+  truth = [json.loads(p.read_text()) for p in sorted(prepared.glob("pieces/*/*.json"))]
+  truth = [r["interleaved"] for r in truth
+           if (r["period"], r["composer"], r["instrumentation"]) == PROMPT]
+  truth_features = embedder.embed(truth)
+  mean = truth_features[np.isfinite(truth_features).all(axis=1)].mean(axis=0)
+  scores = []
+  for text in texts:
+    try:
+      readable = abc.unreduce(text)
+    except abc.PieceError:  # scored as generated, markers removed (select.score_malformed)
+      readable = re.sub(r"^\[r:[^\]]*\]", "", text, flags=re.MULTILINE)
+    scores.append(_cosine(embedder.embed([readable])[0], mean))
+  return np.array(scores)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +92,17 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
   c = _config(prepared, tmp_path, golden_dir)
   rows = dpo_loop.run(c)
   assert [r["iteration"] for r in rows] == [0, 1]
-  assert all(r["pieces"] == 8 and r["scored"] >= 6 and r["mean_score"] > 0 for r in rows)
+  for k, r in enumerate(rows):
+    it = tmp_path / f"iteration_{k}"
+    pieces = json.loads((it / "samples" / "samples.json").read_text())["pieces"]
+    texts = [pathlib.Path(p["abc"]).read_text() for p in pieces]
+    expected = _expected_scores(prepared, texts)
+    scores = np.array(json.loads((it / "scores.json").read_text())["scores"], np.float64)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-6)
+    scored = np.isfinite(expected)
+    assert r["pieces"] == 8 and r["scored"] == scored.sum()
+    # The score row carries the mean over the scored pieces, rounded to 4 places.
+    assert abs(r["mean_score"] - expected[scored].mean()) <= 5e-5 + 1e-6
   it0 = tmp_path / "iteration_0"
   pairs = json.loads((it0 / "preferences.json").read_text())
   assert pairs["chosen"] and pairs["rejected"]
