@@ -7,10 +7,10 @@ MLP 768x3072 and 3072x768; 15 layers = the small model's 3 char layers + 12 patc
 bfloat16, more than a CPU's last-level cache holds), each fed the previous one's output so nothing
 is skipped.
 Per row count: XLA's float32 dot on float32 weights, XLA's dot on bfloat16 weights (x cast to
-bfloat16, float32 sums, as `model.inference_matmul` without the kernel), `cpu_kernels.matmul` on
-the same bfloat16 weights, `cpu_kernels.matmul_int8` on them quantized (`model.Int8Weight`) and
+bfloat16, float32 sums, as `weights.inference_matmul` without the kernel), `cpu_kernels.matmul` on
+the same bfloat16 weights, `cpu_kernels.matmul_int8` on them quantized (`weights.Int8Weight`) and
 `cpu_kernels.matmul_column_blocks` on the float32 weights in column blocks (what the sampler keeps
-on a CPU, `model.ColumnBlockWeight`). GB/s counts the weight bytes read per chain (int8: values
+on a CPU, `weights.ColumnBlockWeight`). GB/s counts the weight bytes read per chain (int8: values
 and scales); the ratios are XLA bfloat16's time over the bfloat16 kernel's (`cpu_kernels.MAX_ROWS`
 is set from it) and XLA float32's over the column-block kernel's, measured in the same run.
 """
@@ -30,8 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from notagen_jax import cpu_kernels  # noqa: E402
-from notagen_jax import model as model_lib  # noqa: E402
+from notagen_jax.inference import cpu_kernels  # noqa: E402
+from notagen_jax.inference import weights as weights_lib  # noqa: E402
 
 HIDDEN = 768
 
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
   w16 = [[jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in shapes]
          for _ in range(args.layers)]
   w32 = [[w.astype(jnp.float32) for w in layer] for layer in w16]
-  w8 = [[model_lib.Int8Weight.quantize(w, 1) for w in layer] for layer in w16]
+  w8 = [[weights_lib.Int8Weight.quantize(w, 1) for w in layer] for layer in w16]
   paths = {
       "xla f32": (_chain(lambda x, w: x @ w), w32),
       "xla bf16": (_chain(lambda x, w: jnp.matmul(x.astype(w.dtype), w,

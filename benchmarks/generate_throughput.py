@@ -17,7 +17,7 @@ Each piece is stopped after 64 patches (`Settings(max_patches=64)`; random weigh
 piece earlier), so every row draws 64 x 16 characters. chars/s counts the characters drawn over
 the whole `Sampler.run` (prompt encoding included), after a first run that compiles; batch B runs
 B copies of the prompt at once (aggregate chars/s). `--dtype` gives one row per Sampler dtype
-(the blocks' matrices stored in that dtype, `sampling.stored_weights`; sums in float32; int8 with
+(the blocks' matrices stored in that dtype, `inference.weights.store`; sums in float32; int8 with
 a scale per 32 input rows; at batch 1 on a CPU both narrow dtypes take `cpu_kernels`'s kernels).
 
 Baseline, the original's `inference.py` loop: for every patch the whole patch-level decoder over
@@ -183,7 +183,7 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
 
 def peak_meter(dtype: str, shapes=((2048, 2048, 2048), (4096, 768, 3072), (4096, 3072, 768))):
   """`model_throughput.peak_meter` with operands in `dtype`: a function measuring the best FLOP/s
-  of jnp matmuls (m, k, n) of a few shapes, summing in float32 (as `model.inference_matmul`)."""
+  of jnp matmuls (m, k, n) of a few shapes, summing in float32 (as `weights.inference_matmul`)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
@@ -230,7 +230,7 @@ def work_per_char(cfg, params, context: float) -> tuple[float, float]:
 
 def matmul_dtype(weights_dtype: str) -> str:
   """The operand dtype of the sampler's products above the kernels' rows: int8 is dequantized to
-  bfloat16 (`model.inference_matmul`)."""
+  bfloat16 (`weights.inference_matmul`)."""
   return "bfloat16" if weights_dtype == "int8" else weights_dtype
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from notagen_jax import cpu_kernels
+from notagen_jax import fusion
 from notagen_jax import losses
 from notagen_jax import sharding
 
@@ -211,44 +211,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, drop: D
   return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
 
 
-def _materialize(x: jax.Array) -> jax.Array:
-  """x, computed once and stored, where XLA's CPU fusion would recompute it in each consumer.
-
-  XLA's CPU pipeline drops optimization barriers before fusion; a branch it cannot resolve at
-  compile time (one element's bits with the sign cleared are never all ones) is a boundary.
-  Other platforms keep x as is (chosen when the program is lowered for them, whatever the host
-  traces it): their fusion does not recompute this way, and a branch there waits for the device.
-  """
-  def stored(x):
-    probe = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
-    return jax.lax.cond(probe & 0x7FFFFFFF != jnp.uint32(0xFFFFFFFF), lambda x: x,
-                        lambda x: x * 1, x)
-
-  return jax.lax.platform_dependent(x, cpu=stored, default=lambda x: x)
-
-
-@jax.custom_vjp
-def materialized_grad(x: jax.Array) -> jax.Array:
-  """The identity, whose gradient is computed once and stored.
-
-  Without it XLA's CPU fusion recomputes the residual stream's gradient, an element-wise chain
-  through every later block's LayerNorm, inside each of its consumers (the transposes feeding
-  the weight gradients): quadratic in depth.
-  """
-  return x
-
-
-def _materialized_grad_fwd(x):
-  return x, None
-
-
-def _materialized_grad_bwd(_, g):
-  return (_materialize(g),)
-
-
-materialized_grad.defvjp(_materialized_grad_fwd, _materialized_grad_bwd)
-
-
 def _local_keys(x: jax.Array, block: int, fill: int = 0) -> jax.Array:
   """[R, C, ...] -> [R*C/block, 2*block, ...]: each block of C preceded by the block before it."""
   blocks = x.reshape(x.shape[0], -1, block, *x.shape[2:])
@@ -263,7 +225,8 @@ class KVCache:
   """One attention layer's keys and values for inference, [B, N, S, D].
 
   Heads before positions: attention then reads each head's keys and values in place, where the
-  [B, S, N, D] order of the activations made XLA transpose the whole cache at every step.
+  [B, S, N, D] order of the activations made XLA transpose the whole cache at every step. A
+  sampler may keep a subclass that attends its own way (`notagen_jax.inference.kv_cache`).
   """
   k: jax.Array
   v: jax.Array
@@ -272,6 +235,39 @@ class KVCache:
   def empty(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
     shape = (batch, cfg.heads, length, HEAD_DIM)
     return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+  def attend(self, q: jax.Array, start: jax.Array) -> jax.Array:
+    """Attention of queries q [B, N, T, D] at positions start[b] + t over the keys up to each
+    query's position -> [B, N, T, D] in q's dtype."""
+    return cached_attention(q, self.k, self.v, start)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
+  """`jax.nn.dot_product_attention`'s computation on a cache's [B, N, S, D] layout (`KVCache`)."""
+  positions = start[:, None] + jnp.arange(q.shape[2])
+  logits = jnp.einsum("bntd,bnsd->bnts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  mask = jnp.arange(k.shape[2]) <= positions[:, None, :, None]
+  logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  # Heads stay leading: XLA's CPU dot then takes its fast batched path (asked for [B, T, N, D]
+  # directly, a 512-patch prompt's took 2.5x as long).
+  return jnp.einsum("bnts,bnsd->bntd", probs, v.astype(q.dtype))
+
+
+def _matrix(param: nnx.Param, input_axes: int) -> Any:
+  """A weight as the [K, N] matrix that the decode path multiplies.
+
+  The parameter's array, or a matrix that the sampler stored in its own format
+  (`notagen_jax.inference.weights`): that one is [K, N] already and computes `x @ w` itself.
+  """
+  w = param.get_value()
+  return w.reshape(math.prod(w.shape[:input_axes]), -1) if isinstance(w, jax.Array) else w
+
+
+def _dense(x: jax.Array, w: Any) -> jax.Array:
+  """x @ w; a parameter's array in x's dtype, as the full forward multiplies it."""
+  return x @ (w.astype(x.dtype) if isinstance(w, jax.Array) else w)
 
 
 class Block(nnx.Module):
@@ -313,7 +309,7 @@ class Block(nnx.Module):
     w = lambda p: p[...].astype(dt)
     y = checkpoint_name(y, "attn_out")
     y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
-    x = checkpoint_name(materialized_grad(x + self.drop(y, deterministic=deterministic, rngs=rngs)),
+    x = checkpoint_name(fusion.materialized_grad(x + self.drop(y, deterministic=deterministic, rngs=rngs)),
                         "residual")
     y = checkpoint_name(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), "mlp_hidden")
     y = jax.nn.gelu(y, approximate=True)
@@ -323,7 +319,7 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool,
                rngs: nnx.Rngs | None, local_block: int = 0) -> jax.Array:
     """x [B, T, H]. With local_block, each query block attends to itself and the block before."""
-    x = materialized_grad(x)
+    x = fusion.materialized_grad(x)
     q, k, v = self._project(x)
     if local_block:
       b, t = q.shape[:2]
@@ -342,191 +338,34 @@ class Block(nnx.Module):
     place: a single token takes one product with the whole fused q/k/v weight (slicing it, as
     `_project` does, copies the slices at every step), 2-D products elsewhere, and the cache is
     written by an element-wise scatter (a row-wise update copied the whole cache at every step). A
-    prompt (T > 1) takes `_project`, whose numbers match the full forward's, unless the weights are
-    stored for sampling (narrower, or in column blocks: see `inference_matmul`).
+    prompt (T > 1) takes `_project`, whose numbers match the full forward's, unless the sampler
+    stored the weights its own way (see `_matrix`).
     """
     b, t, h = x.shape
     n = self.cfg.heads
     positions = start[:, None] + jnp.arange(t)
-    qkv_weight = self.qkv[...]
+    axes = self.MATRIX_INPUT_AXES
+    qkv_weight = _matrix(self.qkv, axes["qkv"])
     if t == 1:
-      qkv = inference_matmul(self.ln_1(x)[:, 0], qkv_weight.reshape(h, 3 * h))
-      qkv = qkv + self.qkv_bias[...].reshape(-1)
+      qkv = _dense(self.ln_1(x)[:, 0], qkv_weight) + self.qkv_bias[...].reshape(-1)
       q, k, v = jnp.unstack(qkv.reshape(b, 3, n, 1, HEAD_DIM), axis=1)  # [B, N, T, D]
-    elif isinstance(qkv_weight, jax.Array) and qkv_weight.dtype == x.dtype:
+    elif isinstance(qkv_weight, jax.Array):
       q, k, v = (a.transpose(0, 2, 1, 3) for a in self._project(x))
-    else:  # weights stored for sampling (narrower, or in blocks): the prompt takes their products
-      qkv = inference_matmul(self.ln_1(x), qkv_weight.reshape(h, 3 * h))
-      qkv = qkv.reshape(b, t, 3, n, HEAD_DIM) + self.qkv_bias[...]
+    else:
+      qkv = _dense(self.ln_1(x), qkv_weight).reshape(b, t, 3, n, HEAD_DIM) + self.qkv_bias[...]
       q, k, v = (a.transpose(0, 2, 1, 3) for a in jnp.unstack(qkv, axis=2))
     index = (jnp.arange(b)[:, None, None, None], jnp.arange(n)[:, None, None],
              positions[:, None, :, None], jnp.arange(HEAD_DIM))
     write = lambda c, u: c.at[index].set(u.astype(c.dtype), mode="promise_in_bounds",
                                          unique_indices=True)
-    cache = KVCache(write(cache.k, k), write(cache.v, v))
-    y = cached_attention(q, cache, start).transpose(0, 2, 1, 3)
-    y = inference_matmul(y.reshape(b, t, h), self.attn_out[...].reshape(h, h))
+    cache = cache.replace(k=write(cache.k, k), v=write(cache.v, v))
+    y = cache.attend(q, start).transpose(0, 2, 1, 3)
+    y = _dense(y.reshape(b, t, h), _matrix(self.attn_out, axes["attn_out"]))
     x = x + (y + self.attn_out_bias[...]).astype(x.dtype)
-    y = inference_matmul(self.ln_2(x), self.fc[...]) + self.fc_bias[...]
-    y = inference_matmul(jax.nn.gelu(y, approximate=True), self.proj[...]) + self.proj_bias[...]
+    y = _dense(self.ln_2(x), _matrix(self.fc, axes["fc"])) + self.fc_bias[...]
+    y = jax.nn.gelu(y, approximate=True)
+    y = _dense(y, _matrix(self.proj, axes["proj"])) + self.proj_bias[...]
     return x + y.astype(x.dtype), cache
-
-
-def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array) -> jax.Array:
-  """Attention of queries q [B, N, T, D] at positions start[b] + t over the cache's keys up to
-  each query's position -> [B, N, T, D] in q's dtype.
-
-  A generation step (T = 1, float32) on a CPU takes `cpu_kernels.attention`, which reads only the
-  filled part of the cache: XLA's version reads every slot of the capacity (a 565-patch context
-  in a 1024-slot cache read 1.8x the bytes needed at every patch).
-  """
-  def xla(q, k, v, start):
-    # `jax.nn.dot_product_attention`'s computation, on the cache's [B, N, S, D] layout.
-    positions = start[:, None] + jnp.arange(q.shape[2])
-    logits = jnp.einsum("bntd,bnsd->bnts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    mask = jnp.arange(k.shape[2]) <= positions[:, None, :, None]
-    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    # Heads stay leading: XLA's CPU dot then takes its fast batched path (asked for [B, T, N, D]
-    # directly, a 512-patch prompt's took 2.5x as long).
-    return jnp.einsum("bnts,bnsd->bntd", probs, v.astype(q.dtype))
-
-  if (q.shape[2] == 1 and q.dtype == cache.k.dtype == cache.v.dtype == jnp.float32 and
-      cpu_kernels.available()):
-    return jax.lax.platform_dependent(q, cache.k, cache.v, start, cpu=cpu_kernels.attention,
-                                      default=xla)
-  return xla(q, cache.k, cache.v, start)
-
-
-QUANT_BLOCK = cpu_kernels.QUANT_BLOCK
-
-
-class _StoredMatrix:
-  """A weight matrix stored for sampling in a kernel's layout; it stands in for the parameter's
-  array: `[...]` and `reshape` to its [K, N] view give itself (the decode path's products take it
-  whole), `astype` gives the parameter, `matrix` its [K, N] view. Subclasses have `shape` (the
-  parameter's own), `matrix_shape` and `matrix`."""
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  def __getitem__(self, index: Any) -> _StoredMatrix:
-    if index is not Ellipsis:
-      raise TypeError(f"a {type(self).__name__} is indexed only whole ([...])")
-    return self
-
-  def reshape(self, *shape: int) -> _StoredMatrix:
-    if shape != self.matrix_shape:
-      raise ValueError(f"a {type(self).__name__} reshapes only to its [K, N] view "
-                       f"{self.matrix_shape}")
-    return self
-
-  def astype(self, dtype: jnp.dtype) -> jax.Array:
-    return self.matrix(dtype).reshape(self.shape)
-
-
-@flax.struct.dataclass
-class Int8Weight(_StoredMatrix):
-  """A weight matrix stored for sampling as int8 [K, N] with a float32 scale per 32 rows of K.
-
-  Symmetric round-to-nearest per block of 32 input rows and output column, like llama.cpp's Q8_0
-  (blocks along the input axis): an outlying weight sets the scale of 32 weights, not of a whole
-  column. The int8 values are kept in `cpu_kernels`' tiles of 8 rows x 16 columns, which its
-  kernel reads as one sequential stream.
-  """
-  values: jax.Array  # int8 [K / 8, N / 16, 8, 16]: tile (g, c) holds rows 8g.., columns 16c..
-  scales: jax.Array  # float32 [K // QUANT_BLOCK, N]
-  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the parameter's own shape
-
-  @classmethod
-  def quantize(cls, w: jax.Array, input_axes: int) -> Int8Weight:
-    """w's first `input_axes` axes are K (flattened), the rest N."""
-    k = math.prod(w.shape[:input_axes])
-    n = w.size // k
-    if k % QUANT_BLOCK or n % cpu_kernels.TILE_COLUMNS:
-      raise ValueError(f"int8 weights need an input size divisible by {QUANT_BLOCK} and an output "
-                       f"size divisible by {cpu_kernels.TILE_COLUMNS}, got {w.shape} "
-                       f"(K {k}, N {n})")
-    blocks = w.astype(jnp.float32).reshape(k // QUANT_BLOCK, QUANT_BLOCK, n)
-    scales = jnp.max(jnp.abs(blocks), axis=1) / 127
-    scales = jnp.where(scales > 0, scales, 1.0)
-    values = jnp.round(blocks / scales[:, None]).astype(jnp.int8).reshape(k, n)
-    return cls(cpu_kernels.tile(values), scales, tuple(w.shape))
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    return self.values.dtype
-
-  @property
-  def matrix_shape(self) -> tuple[int, int]:
-    return cpu_kernels.untiled_shape(self.values.shape)
-
-  def integers(self) -> jax.Array:
-    """The int8 values as a [K, N] matrix."""
-    return cpu_kernels.untile(self.values)
-
-  def matrix(self, dtype: jnp.dtype) -> jax.Array:
-    """The dequantized [K, N] view."""
-    k, n = self.matrix_shape
-    blocks = self.integers().reshape(k // QUANT_BLOCK, QUANT_BLOCK, n).astype(jnp.float32)
-    return (blocks * self.scales[:, None]).reshape(k, n).astype(dtype)
-
-
-@flax.struct.dataclass
-class ColumnBlockWeight(_StoredMatrix):
-  """A float32 weight matrix [K, N] kept for CPU sampling in `cpu_kernels.column_blocks`' layout
-  [N / 16, K, 16], for `cpu_kernels.matmul_column_blocks`: the same numbers, a faster product at
-  every batch size (see that function)."""
-  blocks: jax.Array  # float32 [N / 16, K, 16]
-  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the parameter's own shape
-
-  @classmethod
-  def of(cls, w: jax.Array, input_axes: int) -> ColumnBlockWeight:
-    """w's first `input_axes` axes are K (flattened), the rest N (a multiple of 16)."""
-    k = math.prod(w.shape[:input_axes])
-    if (w.size // k) % cpu_kernels.COLUMN_BLOCK:
-      raise ValueError(f"column blocks need an output size divisible by "
-                       f"{cpu_kernels.COLUMN_BLOCK}, got {w.shape}")
-    return cls(cpu_kernels.column_blocks(w.reshape(k, -1)), tuple(w.shape))
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    return self.blocks.dtype
-
-  @property
-  def matrix_shape(self) -> tuple[int, int]:
-    return self.blocks.shape[1], self.blocks.shape[0] * cpu_kernels.COLUMN_BLOCK
-
-  def matrix(self, dtype: jnp.dtype) -> jax.Array:
-    return cpu_kernels.from_column_blocks(self.blocks).astype(dtype)
-
-
-def inference_matmul(x: jax.Array, w: jax.Array | Int8Weight | ColumnBlockWeight) -> jax.Array:
-  """x @ w in x's dtype, with w read as stored and the products summed in float32.
-
-  Generation reads every weight for each token, so weights stored in bfloat16 (or int8) cut the
-  bytes read. XLA's CPU dot is fast on bfloat16 operands only with a float32 result, and slow at
-  one row: there a few float32 rows take `cpu_kernels`' kernels, which widen each weight exactly
-  (x stays float32). Elsewhere int8 weights are dequantized to bfloat16 first. float32 weights
-  kept in column blocks take their kernel at any number of rows.
-  """
-  def xla_dot(x, w):
-    if isinstance(w, _StoredMatrix):
-      w = w.matrix(jnp.bfloat16 if isinstance(w, Int8Weight) else w.dtype)
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-  few_rows = math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS
-  if isinstance(w, ColumnBlockWeight):
-    kernel = lambda x, w: cpu_kernels.matmul_column_blocks(x, w.blocks)
-  elif isinstance(w, Int8Weight):
-    kernel = cpu_kernels.matmul_int8 if few_rows else None
-  else:
-    kernel = cpu_kernels.matmul if w.dtype == jnp.bfloat16 and few_rows else None
-  if kernel is not None and x.dtype == jnp.float32 and cpu_kernels.available():
-    return jax.lax.platform_dependent(x, w, cpu=kernel, default=xla_dot)
-  return xla_dot(x, w)
 
 
 LAYERS = "layers"  # logical name of the stacked blocks' leading axis (never sharded)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -29,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from notagen_jax import cpu_kernels
 from notagen_jax import model as model_lib
 from notagen_jax.data import tokenizer
+from notagen_jax.inference import layout
+from notagen_jax.inference import weights
 
 BODY_MARKER = "[r:"
 FIRST_BODY_PREFIX = "[r:0/"
@@ -115,10 +115,11 @@ class DecodeState:
   step: jax.Array  # [B] patches drawn so far for the piece, folded into its key
 
 
-def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int) -> DecodeState:
+def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
+                cache_type: type[model_lib.KVCache] = model_lib.KVCache) -> DecodeState:
   p = cfg.patch_size
   return DecodeState(
-      cache=[model_lib.KVCache.empty(cfg, batch, capacity) for _ in range(cfg.patch_layers)],
+      cache=[cache_type.empty(cfg, batch, capacity) for _ in range(cfg.patch_layers)],
       hidden=jnp.zeros((batch, cfg.hidden), cfg.dtype),
       length=jnp.zeros((batch,), jnp.int32), prefix=jnp.zeros((batch, p), jnp.int32),
       prefix_len=jnp.zeros((batch,), jnp.int32), in_body=jnp.zeros((batch,), bool),
@@ -127,11 +128,12 @@ def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int) -> Decode
 
 
 def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
-                prefix_len: jax.Array, keys: jax.Array, settings: Settings) -> jax.Array:
+                prefix_len: jax.Array, keys: jax.Array, settings: Settings,
+                cache_type: type[model_lib.KVCache]) -> jax.Array:
   """[B, P] chars of the next patch: the prefix, then drawn chars, one cached char step each."""
   cfg = model.cfg
   b, p = prefix.shape
-  cache = [model_lib.KVCache.empty(cfg, b, p) for _ in range(cfg.char_layers)]
+  cache = [cache_type.empty(cfg, b, p) for _ in range(cfg.char_layers)]
 
   def step(t, carry):
     cache, chars, previous = carry
@@ -166,7 +168,9 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
   cfg = model.cfg
   p = cfg.patch_size
   keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
-  chars = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys, settings)
+  cache_type = type(state.cache[0])
+  chars = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys, settings,
+                      cache_type)
   # Chars given as a prefix are already in the piece's text; the forced `[r:0/` is not.
   text_from = state.prefix_len
   redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER)
@@ -176,7 +180,7 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
     redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
     again = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
                         jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
-                        settings)
+                        settings, cache_type)
     return jnp.where(redo[:, None], again, chars)
 
   chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
@@ -231,7 +235,7 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   u, t = load.patches.shape[:2]
-  caches = [model_lib.KVCache.empty(cfg, u, t) for _ in range(cfg.patch_layers)]
+  caches = [type(state.cache[0]).empty(cfg, u, t) for _ in range(cfg.patch_layers)]
   hidden, caches = model.patch.decode(load.patches, caches, jnp.zeros((u,), jnp.int32))
   last = hidden[jnp.arange(u), load.n_patches - 1]
 
@@ -242,8 +246,7 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
         full, part[context][None].astype(full.dtype), (row, 0, 0, 0))
     set_row = lambda full, part: full.at[row].set(part[i])
     return state.replace(
-        cache=[model_lib.KVCache(put(c.k, r.k), put(c.v, r.v))
-               for c, r in zip(state.cache, caches)],
+        cache=[c.replace(k=put(c.k, r.k), v=put(c.v, r.v)) for c, r in zip(state.cache, caches)],
         hidden=state.hidden.at[row].set(last[context]),
         length=state.length.at[row].set(load.n_patches[context]),
         prefix=set_row(state.prefix, load.prefix),
@@ -273,6 +276,13 @@ class Piece:
   @property
   def chars(self) -> int:
     return len(self.prompt) + sum(map(len, self.text))
+
+  def append(self, text: str):
+    """A generated patch's text; the body starts with the first patch that starts `[r:`."""
+    self.patches += 1
+    self.in_body = self.in_body or text.startswith(BODY_MARKER)
+    self.text.append(text)
+    (self.body if self.in_body else self.metadata).append(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,74 +345,17 @@ def _bucket(n: int, cap: int, minimum: int = 8) -> int:
 
 def _grow(state: DecodeState, capacity: int) -> DecodeState:
   pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, capacity - a.shape[2]), (0, 0)])
-  return state.replace(cache=[model_lib.KVCache(pad(c.k), pad(c.v)) for c in state.cache])
+  return state.replace(cache=[c.replace(k=pad(c.k), v=pad(c.v)) for c in state.cache])
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
-
-
-def stored_weights(params: nnx.State, dtype: str) -> nnx.State:
-  """The model's parameters with its weight matrices stored in `dtype` (one of WEIGHT_DTYPES)."""
-  if dtype not in WEIGHT_DTYPES:
-    raise ValueError(f"weights dtype {dtype!r} is not one of {WEIGHT_DTYPES}")
-
-  def store(path, p: jax.Array):
-    name = getattr(path[-2], "key", None)
-    # Only the blocks' matrices: the rest (embeddings, biases, LayerNorms) is ~2% of the small
-    # model's bytes, and stored narrower it would be widened again at every step.
-    if name not in model_lib.Block.MATRIX_INPUT_AXES:
-      return p
-    if dtype == "int8":
-      return model_lib.Int8Weight.quantize(p, model_lib.Block.MATRIX_INPUT_AXES[name])
-    return p.astype(dtype)
-
-  return jax.tree_util.tree_map_with_path(store, params)
-
-
-def _cpu_layout(params: nnx.State, cfg: model_lib.ModelConfig) -> nnx.State:
-  """params with the blocks' float32 matrices as `model.ColumnBlockWeight`s when sampling runs on
-  a CPU with `cpu_kernels` built: the same numbers, in the layout of the kernel that multiplies
-  them at any number of rows (1.2x XLA's dot at one row, 1.9x at 8, 1.4x at 32, `benchmarks/
-  cpu_matmul_throughput.py`)."""
-  if (jnp.dtype(cfg.dtype) != jnp.float32 or jax.default_backend() != "cpu" or
-      not cpu_kernels.available()):
-    return params
-
-  def convert(path, p):
-    input_axes = model_lib.Block.MATRIX_INPUT_AXES.get(getattr(path[-2], "key", None))
-    if (input_axes is None or not isinstance(p, jax.Array) or p.dtype != jnp.float32 or
-        (p.size // math.prod(p.shape[:input_axes])) % cpu_kernels.COLUMN_BLOCK):
-      return p
-    return model_lib.ColumnBlockWeight.of(p, input_axes)
-
-  return jax.tree_util.tree_map_with_path(
-      convert, params, is_leaf=lambda p: isinstance(p, model_lib.Int8Weight))
-
-
-def _dequantized_patch_decoder(params: nnx.State) -> nnx.State:
-  """params with the patch decoder's int8 matrices dequantized to bfloat16, for prompts.
-
-  A prompt's products take XLA's bfloat16 dot (`model.inference_matmul`), which would otherwise
-  dequantize all of them at every prefill (~50 ms of a 500-patch prompt's ~0.45 s on a 2-core
-  CPU); this keeps them once, at 2 bytes per weight.
-  """
-  def dequantize(path, p):
-    if isinstance(p, model_lib.Int8Weight) and getattr(path[0], "key", None) == "patch":
-      return p.astype(jnp.bfloat16)
-    return p
-
-  return jax.tree_util.tree_map_with_path(
-      dequantize, params, is_leaf=lambda p: isinstance(p, model_lib.Int8Weight))
+WEIGHT_DTYPES = weights.DTYPES  # what a Sampler's dtype may be
 
 
 def as_stored(model: model_lib.NotaGen, dtype: str) -> model_lib.NotaGen:
-  """The model with its weights rounded as `stored_weights(.., dtype)` stores them, held in the
+  """The model with its weights rounded as a Sampler with `dtype` stores them, held in the
   model's dtype: the distribution that sampling with those weights draws from, for any forward."""
   graphdef, params = nnx.split(model)
-  back = lambda p, like: p.astype(like.dtype)
-  stored = stored_weights(params, dtype)
-  return nnx.merge(graphdef, jax.tree.map(
-      back, stored, params, is_leaf=lambda p: isinstance(p, model_lib.Int8Weight)))
+  return nnx.merge(graphdef, weights.as_parameters(weights.store(params, dtype), params))
 
 
 class Sampler:
@@ -412,8 +365,8 @@ class Sampler:
   the new patches, finishes pieces, refills free rows and re-encodes full contexts.
 
   `dtype` is how the weight matrices are stored for sampling, converted once here (None: as
-  stored): one of WEIGHT_DTYPES, for the blocks' matrices (98% of the bytes; int8 ones as
-  `model.Int8Weight`). Every character reads all of the char decoder's weights, so "bfloat16"
+  stored): one of WEIGHT_DTYPES, for the blocks' matrices (98% of the bytes; see
+  `inference.layout`). Every character reads all of the char decoder's weights, so "bfloat16"
   halves the bytes moved and "int8" nearly quarters them; activations and sums stay in the
   model's dtype.
   bfloat16 rounds each weight to 8 significant bits, int8 to 1/254 of its block's largest: both
@@ -421,7 +374,7 @@ class Sampler:
   take `cpu_kernels`' kernels (bfloat16 ~1.5x and int8 ~3x float32's speed at batch 1, see
   benchmarks/generate_throughput.py); larger batches take XLA's dot, where bfloat16 pays and int8
   is dequantized at every step: use it for batch 1 only. float32 matrices are kept in
-  `cpu_kernels`' column blocks on a CPU (`_cpu_layout`), whose kernel is faster at every batch.
+  `cpu_kernels`' column blocks on a CPU, whose kernel is faster at every batch.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
@@ -430,19 +383,16 @@ class Sampler:
     self.settings = settings
     self.batch = batch
     self.patches_per_call = patches_per_call
-    self.graphdef, self.params = nnx.split(model)
-    if dtype is not None:
-      self.params = stored_weights(self.params, dtype)
-    self.params = _cpu_layout(self.params, self.cfg)
-    self.prefill_params = _dequantized_patch_decoder(self.params)
+    self.graphdef, params = nnx.split(model)
+    self.params, self.prefill_params, self.cache_type = layout.for_sampling(params, self.cfg,
+                                                                            dtype, batch)
     self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
                                              patch_length=self.cfg.patch_length)
 
   def run(self, prompts: Sequence[str], seed: int = 0,
           on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i)."""
-    run = _Run(self, prompts, seed, on_result)
-    return run.results
+    return _Generation(self, prompts, seed, on_result).run()
 
 
 class _Loading(NamedTuple):
@@ -454,8 +404,8 @@ class _Loading(NamedTuple):
   step: int  # patches drawn so far for the piece
 
 
-class _Run:
-  """One `Sampler.run`: the slots, the waiting pieces and the device state."""
+class _Generation:
+  """One `Sampler.run`: the prompts, the rows' pieces and the device state."""
 
   def __init__(self, sampler: Sampler, prompts: Sequence[str], seed: int,
                on_result: Callable[[Result], None] | None):
@@ -464,28 +414,30 @@ class _Run:
     self.on_result = on_result
     self.base_key = jax.random.key(seed)
     self.prompts = list(prompts)
-    encoded = [split_prompt(sampler.patchilizer, prompt) for prompt in self.prompts]
-    for i, (ids, _, _) in enumerate(encoded):
+    self.encoded = [split_prompt(sampler.patchilizer, prompt) for prompt in self.prompts]
+    for i, (ids, _, _) in enumerate(self.encoded):
       if len(ids) >= self.cfg.patch_length:
         raise ValueError(f"prompt {i} fills the whole context ({len(ids)} patches of "
                          f"{self.cfg.patch_length}); shorten it")
-    longest = max((len(ids) for ids, _, _ in encoded), default=0)
+    longest = max((len(ids) for ids, _, _ in self.encoded), default=0)
     self.capacity = _bucket(longest + sampler.patches_per_call, self.cfg.patch_length, 64)
-    self.state = empty_state(self.cfg, sampler.batch, self.capacity)
+    self.state = empty_state(self.cfg, sampler.batch, self.capacity, sampler.cache_type)
     self.slots: list[Piece | None] = [None] * sampler.batch
     self.loads: list[_Loading] = []  # prefilled before the next call
-    finished: dict[int, Result] = {}
-    self.finished = finished
+    self.finished: dict[int, Result] = {}
+
+  def run(self) -> list[Result]:
+    """Every piece, in prompt order: free rows take waiting prompts before each call."""
     waiting = collections.deque(range(len(self.prompts)))
     while waiting or any(self.slots):
-      for row in range(sampler.batch):
+      for row in range(self.sampler.batch):
         if self.slots[row] is None and waiting:
           i = waiting.popleft()
-          ids, prefix, in_body = encoded[i]
+          ids, prefix, in_body = self.encoded[i]
           self.slots[row] = self._new_piece(i, in_body)
           self._load(row, ids, prefix, in_body, step=0)
       self._step()
-    self.results = [finished[i] for i in range(len(self.prompts))]
+    return [self.finished[i] for i in range(len(self.prompts))]
 
   def _new_piece(self, index: int, in_body: bool) -> Piece:
     prompt = self.prompts[index]
@@ -584,7 +536,7 @@ class _Run:
         if event == ENDED:
           self._finish(row, True)
           break
-        self._append(piece, sampler.patchilizer.decode([patches[n, row, text_from[n, row]:]]))
+        piece.append(sampler.patchilizer.decode([patches[n, row, text_from[n, row]:]]))
         if piece.chars > settings.max_chars:
           self._finish(row, False, f"more than {settings.max_chars} characters")
           break
@@ -596,13 +548,6 @@ class _Run:
           break
       if self.slots[row] is piece and time.perf_counter() - piece.start_time > settings.max_seconds:
         self._finish(row, False, f"more than {settings.max_seconds:g} s")
-
-  @staticmethod
-  def _append(piece: Piece, text: str):
-    piece.patches += 1
-    piece.in_body = piece.in_body or text.startswith(BODY_MARKER)
-    piece.text.append(text)
-    (piece.body if piece.in_body else piece.metadata).append(text)
 
   def _overflow(self, row: int, piece: Piece):
     piece.overflows += 1

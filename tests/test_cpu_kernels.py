@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from notagen_jax import checkpoint
-from notagen_jax import cpu_kernels
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
+from notagen_jax.inference import cpu_kernels
+from notagen_jax.inference import kv_cache
+from notagen_jax.inference import weights
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_int8_weight_rounds_each_block_to_its_largest_over_127():
   rng = np.random.default_rng(1)
   w = rng.standard_normal((2, 32, 2, 16)).astype(np.float32)  # K = 2 x 32 over two input axes
   w[0, :, 0, 0] = 0.0  # an all-zero block keeps a usable scale
-  q = model_lib.Int8Weight.quantize(jnp.asarray(w), input_axes=2)
+  q = weights.Int8Weight.quantize(jnp.asarray(w), input_axes=2)
   matrix = w.reshape(64, 32)
   integers = np.asarray(q.integers())
   assert q.values.shape == (8, 2, 8, 16) and q.values.dtype == jnp.int8
@@ -52,11 +54,10 @@ def test_int8_weight_rounds_each_block_to_its_largest_over_127():
   assert np.all(error <= np.repeat(np.asarray(q.scales), 32, axis=0) / 2 * (1 + 1e-6))
   np.testing.assert_array_equal(q.astype(jnp.float32),
                                 np.asarray(q.matrix(jnp.float32)).reshape(w.shape))
-  assert q[...] is q and q.reshape(64, 32) is q
   with pytest.raises(ValueError, match="divisible by 32"):
-    model_lib.Int8Weight.quantize(jnp.ones((48, 16)), input_axes=1)
+    weights.Int8Weight.quantize(jnp.ones((48, 16)), input_axes=1)
   with pytest.raises(ValueError, match="divisible by 16"):
-    model_lib.Int8Weight.quantize(jnp.ones((32, 4)), input_axes=1)
+    weights.Int8Weight.quantize(jnp.ones((32, 4)), input_axes=1)
 
 
 def test_int8_tiles_hold_8_rows_by_16_columns_in_order():
@@ -71,7 +72,7 @@ def test_int8_tiles_hold_8_rows_by_16_columns_in_order():
 def test_int8_kernel_equals_float64_product_of_dequantized_weights(kernel, x_shape, n):
   rng = np.random.default_rng(n)
   x = rng.standard_normal(x_shape).astype(np.float32)
-  w = model_lib.Int8Weight.quantize(jnp.asarray(rng.standard_normal((x_shape[-1], n))), 1)
+  w = weights.Int8Weight.quantize(jnp.asarray(rng.standard_normal((x_shape[-1], n))), 1)
   got = jax.jit(cpu_kernels.matmul_int8)(x, w)
   expected = np.asarray(x, np.float64) @ np.asarray(w.matrix(jnp.float32), np.float64)
   np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(x_shape[-1]) *
@@ -100,14 +101,18 @@ def test_attention_kernel_equals_float64_softmax_over_the_keys_up_to_each_positi
   np.testing.assert_allclose(got, _attention_float64(q, k, v, start), rtol=0, atol=2e-6)
 
 
+def _attend(q, cache, start):
+  return cache.attend(q, start)
+
+
 def test_cached_attention_takes_the_kernel_for_one_float32_query_on_cpu(kernel):
   rng = np.random.default_rng(0)
-  cache = model_lib.KVCache(*(jnp.asarray(rng.standard_normal((2, 3, 70, 64)), jnp.float32)
-                              for _ in range(2)))
+  cache = kv_cache.KernelKVCache(*(jnp.asarray(rng.standard_normal((2, 3, 70, 64)), jnp.float32)
+                                   for _ in range(2)))
   q, start = jnp.asarray(rng.standard_normal((2, 3, 1, 64)), jnp.float32), jnp.array([5, 69])
-  lowered = jax.jit(model_lib.cached_attention).lower(q, cache, start).as_text()
+  lowered = jax.jit(_attend).lower(q, cache, start).as_text()
   assert lowered.count(cpu_kernels.ATTENTION_TARGET) == 1
-  np.testing.assert_allclose(model_lib.cached_attention(q, cache, start),
+  np.testing.assert_allclose(cache.attend(q, start),
                              _attention_float64(*map(np.asarray, (q, cache.k, cache.v, start))),
                              atol=2e-6)
 
@@ -124,10 +129,10 @@ def _custom_calls(f, *args, target: str = cpu_kernels.TARGET) -> int:
 
 def test_inference_matmul_takes_the_kernel_only_for_few_rows_of_bfloat16(kernel):
   w16 = jnp.ones((8, 4), jnp.bfloat16)
-  assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), w16) == 1
+  assert _custom_calls(weights.inference_matmul, jnp.ones((1, 8)), w16) == 1
   too_many = jnp.ones((cpu_kernels.MAX_ROWS + 1, 8))
-  assert _custom_calls(model_lib.inference_matmul, too_many, w16) == 0
-  assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
+  assert _custom_calls(weights.inference_matmul, too_many, w16) == 0
+  assert _custom_calls(weights.inference_matmul, jnp.ones((1, 8)), jnp.ones((8, 4))) == 0
 
 
 def test_column_blocks_hold_16_columns_of_every_row():
@@ -155,30 +160,29 @@ def test_column_block_kernel_equals_float64_product(kernel, x_shape, n):
 def test_column_block_weight_stands_in_for_its_parameter(kernel):
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)  # K = 2 x 16 over two axes
-  blocked = model_lib.ColumnBlockWeight.of(w, input_axes=2)
-  assert blocked.matrix_shape == (32, 32) and blocked[...] is blocked
-  assert blocked.reshape(32, 32) is blocked
+  blocked = weights.ColumnBlockWeight.of(w, input_axes=2)
+  assert blocked.matrix_shape == (32, 32)
   np.testing.assert_array_equal(blocked.astype(jnp.float32), w)
   x = jnp.asarray(rng.standard_normal((9, 32)), jnp.float32)
   for rows in (1, 9):  # the kernel at any number of rows
-    assert _custom_calls(model_lib.inference_matmul, x[:rows], blocked,
+    assert _custom_calls(weights.inference_matmul, x[:rows], blocked,
                          target=cpu_kernels.COLUMN_BLOCKS_TARGET) == 1
-  np.testing.assert_allclose(model_lib.inference_matmul(x, blocked), x @ w.reshape(32, 32),
+  np.testing.assert_allclose(x @ blocked, x @ w.reshape(32, 32),
                              rtol=1e-6, atol=1e-5)
   with pytest.raises(ValueError, match="divisible by 16"):
-    model_lib.ColumnBlockWeight.of(jnp.ones((32, 8)), input_axes=1)
+    weights.ColumnBlockWeight.of(jnp.ones((32, 8)), input_axes=1)
 
 
 def test_sampler_keeps_float32_matrices_in_column_blocks_on_cpu(kernel, golden_dir):
   model = checkpoint.load_model(golden_dir / "tiny.pth")
   stored = lambda dtype: jax.tree.leaves(
       sampling.Sampler(model, batch=2, dtype=dtype).params,
-      is_leaf=lambda p: isinstance(p, (model_lib.ColumnBlockWeight, model_lib.Int8Weight)))
+      is_leaf=lambda p: isinstance(p, (weights.ColumnBlockWeight, weights.Int8Weight)))
   count = lambda leaves, kind: sum(isinstance(p, kind) for p in leaves)
   blocks = model.cfg.patch_layers + model.cfg.char_layers
-  assert count(stored(None), model_lib.ColumnBlockWeight) == 4 * blocks
-  assert count(stored("bfloat16"), model_lib.ColumnBlockWeight) == 0
-  assert count(stored("int8"), model_lib.Int8Weight) == 4 * blocks
+  assert count(stored(None), weights.ColumnBlockWeight) == 4 * blocks
+  assert count(stored("bfloat16"), weights.ColumnBlockWeight) == 0
+  assert count(stored("int8"), weights.Int8Weight) == 4 * blocks
 
 
 def test_disabled_kernel_falls_back_to_xla(monkeypatch):
@@ -187,23 +191,23 @@ def test_disabled_kernel_falls_back_to_xla(monkeypatch):
   try:
     assert not cpu_kernels.available()
     x, w = jnp.ones((1, 8)), jnp.full((8, 4), 0.5, jnp.bfloat16)
-    assert _custom_calls(model_lib.inference_matmul, x, w) == 0
-    np.testing.assert_array_equal(model_lib.inference_matmul(x, w), np.full((1, 4), 4.0))
-    w8 = model_lib.Int8Weight.quantize(jnp.full((32, 16), 0.5), 1)
-    np.testing.assert_array_equal(model_lib.inference_matmul(jnp.ones((1, 32)), w8),
+    assert _custom_calls(weights.inference_matmul, x, w) == 0
+    np.testing.assert_array_equal(weights.inference_matmul(x, w), np.full((1, 4), 4.0))
+    w8 = weights.Int8Weight.quantize(jnp.full((32, 16), 0.5), 1)
+    np.testing.assert_array_equal(weights.inference_matmul(jnp.ones((1, 32)), w8),
                                   np.full((1, 16), 16.0))
-    blocked = model_lib.ColumnBlockWeight.of(jnp.full((32, 16), 0.5), 1)
-    assert _custom_calls(model_lib.inference_matmul, jnp.ones((1, 32)), blocked,
+    blocked = weights.ColumnBlockWeight.of(jnp.full((32, 16), 0.5), 1)
+    assert _custom_calls(weights.inference_matmul, jnp.ones((1, 32)), blocked,
                          target=cpu_kernels.COLUMN_BLOCKS_TARGET) == 0
-    np.testing.assert_array_equal(model_lib.inference_matmul(jnp.ones((1, 32)), blocked),
+    np.testing.assert_array_equal(weights.inference_matmul(jnp.ones((1, 32)), blocked),
                                   np.full((1, 16), 16.0))
     rng = np.random.default_rng(0)
-    cache = model_lib.KVCache(*(jnp.asarray(rng.standard_normal((1, 2, 8, 64)), jnp.float32)
-                                for _ in range(2)))
+    cache = kv_cache.KernelKVCache(*(jnp.asarray(rng.standard_normal((1, 2, 8, 64)), jnp.float32)
+                                     for _ in range(2)))
     q, start = jnp.asarray(rng.standard_normal((1, 2, 1, 64)), jnp.float32), jnp.array([3])
-    lowered = jax.jit(lambda *a: model_lib.cached_attention(*a)).lower(q, cache, start)
+    lowered = jax.jit(lambda *a: _attend(*a)).lower(q, cache, start)
     assert cpu_kernels.ATTENTION_TARGET not in lowered.as_text()
-    np.testing.assert_allclose(model_lib.cached_attention(q, cache, start),
+    np.testing.assert_allclose(cache.attend(q, start),
                                _attention_float64(*map(np.asarray, (q, cache.k, cache.v, start))),
                                atol=2e-6)
   finally:
@@ -221,19 +225,19 @@ def test_narrow_weights_decode_as_the_full_forward_of_the_same_weights(kernel, g
   case = json.loads((golden_dir / "cases.json").read_text())["cases"][1]
   model = checkpoint.load_model(golden_dir / "tiny.pth")
   graphdef, state = nnx.split(model)
-  stored = nnx.merge(graphdef, sampling.stored_weights(state, dtype))
+  stored = nnx.merge(graphdef, weights.store(state, dtype))
   widened = sampling.as_stored(model, dtype)
   ids = np.asarray(case["patch_ids"], np.int32)
   patches, mask = jnp.asarray(ids[None, :30]), jnp.ones((1, 30), jnp.int32)
   target = ids[30]
   cfg = model.cfg
-  cache = [model_lib.KVCache.empty(cfg, 1, 32) for _ in range(cfg.patch_layers)]
+  cache = [kv_cache.KernelKVCache.empty(cfg, 1, 32) for _ in range(cfg.patch_layers)]
   hidden, cache = stored.patch.decode(patches[:, :29], cache, jnp.zeros(1, jnp.int32))
   np.testing.assert_allclose(
       hidden[0], widened.patch(patches[:, :29], mask[:, :29], deterministic=True, rngs=None)[0],
       atol=PROMPT_ATOL)
   hidden, cache = stored.patch.decode(patches[:, 29:], cache, jnp.full((1,), 29))  # one row
-  char_cache = [model_lib.KVCache.empty(cfg, 1, 16) for _ in range(cfg.char_layers)]
+  char_cache = [kv_cache.KernelKVCache.empty(cfg, 1, 16) for _ in range(cfg.char_layers)]
   expected_hidden = widened.patch(patches, mask, deterministic=True, rngs=None)[:, -1:]
   np.testing.assert_allclose(hidden, expected_hidden, atol=PROMPT_ATOL)
   previous = 0

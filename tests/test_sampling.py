@@ -109,23 +109,43 @@ _next_char_probs = nnx.jit(model_lib.next_char_probs)
 
 
 def _reference_generate(model, prompt, seed, index, settings):
-  """The original's inference loop, uncached, one piece (full forward for every character).
+  """The original's inference loop (NOTAGEN_REFERENCE.md, section 7) for one piece, uncached: a
+  full forward for every character. -> (text, ok).
 
-  Same keys as the sampler (fold_in of seed, piece index, patch count, char position) so that the
-  two must draw the same characters.
+  The sampler's choices kept: the same keys (fold_in of seed, piece index, patches drawn, char
+  position) so that the two must draw the same characters, a prompt that may open the body, and
+  the prompt's metadata kept on overflow (`Settings.keep_prompt_on_overflow`).
   """
   cfg = model.cfg
   p = cfg.patch_size
   patchilizer = tokenizer.Patchilizer(patch_size=p, patch_length=cfg.patch_length)
   key = jax.random.fold_in(jax.random.key(seed), index)
-  context, prefix, in_body = sampling.split_prompt(patchilizer, prompt)
-  context, prefix = [list(row) for row in context], list(prefix)
-  piece = sampling.Piece(index, prompt, in_body, 0.0, prompt_head=prompt)
-  if in_body:
-    lines = tokenizer.text_lines(prompt)
-    split = next(i for i, line in enumerate(lines) if line.startswith("[r:"))
-    piece.prompt_head = "".join(lines[:split])
-    piece.body = [prompt[len(piece.prompt_head):]]
+
+  def encode(text):
+    """The context's whole patches and the chars of its open last patch."""
+    if any(line.startswith(("[r:", "[V:")) for line in text.split("\n")):
+      patches = patchilizer.encode_generate(text)
+    else:  # metadata lines, each cut into patches, eos after a line that does not fill its last
+      patches = [[tokenizer.BOS] * (p - 1) + [tokenizer.EOS]]
+      for line in text.split("\n"):
+        if line:
+          codes = [ord(c) for c in line + "\n"] + [tokenizer.EOS] * bool((len(line) + 1) % p)
+          patches += [codes[i:i + p] for i in range(0, len(codes), p)]
+      patches = [patch + [tokenizer.PAD] * (p - len(patch)) for patch in patches]
+    prefix = patches.pop() if len(patches[-1]) < p else []
+    return [list(patch) for patch in patches], list(prefix)
+
+  lines = prompt.splitlines(keepends=True)
+  body_start = next((i for i, line in enumerate(lines) if line.startswith(("[r:", "[V:"))), None)
+  tunebody_flag = body_start is not None
+  if tunebody_flag:
+    head = "".join(lines[:body_start])
+    tunebody = prompt[len(head):]
+  else:
+    head = prompt if settings.keep_prompt_on_overflow else ""
+    tunebody = ""
+  context, prefix = encode(prompt)
+  generated, metadata = [], ""
   step = 0
 
   def generate_patch(prefix, keys):
@@ -144,27 +164,36 @@ def _reference_generate(model, prompt, seed, index, settings):
     keys = jax.random.fold_in(key, step)
     chars = generate_patch(prefix, keys)
     text_from = len(prefix)
-    if not piece.in_body and bytes(chars[text_from:text_from + 3]) == b"[r:":
+    if not tunebody_flag and bytes(chars[text_from:text_from + 3]) == b"[r:":
+      tunebody_flag = True
       chars = generate_patch([ord(c) for c in "[r:0/"], jax.random.fold_in(keys, p))
       text_from = 0
     step += 1
     if chars[text_from:text_from + 2] == [tokenizer.BOS, tokenizer.EOS]:
-      return "".join([prompt] + piece.text), True
+      return prompt + "".join(generated), True
     if tokenizer.EOS in chars:
       cut = chars.index(tokenizer.EOS) + 1
-      chars = chars[:cut] + [0] * (p - cut)
-    sampling._Run._append(piece, patchilizer.decode([chars[text_from:]]))
+      chars = chars[:cut] + [tokenizer.PAD] * (p - cut)
+    text = patchilizer.decode([chars[text_from:]])
+    generated.append(text)
+    if tunebody_flag:
+      tunebody += text
+    else:
+      metadata += text
     context.append(chars)
     prefix = []
-    if piece.chars > settings.max_chars:
-      return "".join([prompt] + piece.text), False
+    if len(prompt) + len("".join(generated)) > settings.max_chars:
+      return prompt + "".join(generated), False
     if len(context) >= cfg.patch_length:
-      piece.overflows += 1
-      text = sampling.overflow_context(piece)
-      if text is None:
-        return "".join([prompt] + piece.text), True
-      context, prefix, _ = sampling.split_prompt(patchilizer, text)
-      context, prefix = [list(row) for row in context], list(prefix)
+      if "\n" not in tunebody:
+        return prompt + "".join(generated), True
+      body_lines = tunebody.strip().split("\n")
+      if tunebody.endswith("\n"):
+        body_lines = [line + "\n" for line in body_lines]
+      else:
+        body_lines = [line + "\n" for line in body_lines[:-1]] + body_lines[-1:]
+      tunebody = "".join(body_lines[-(len(body_lines) // 2):])
+      context, prefix = encode(head + metadata + tunebody)
 
 
 def test_sampler_draws_what_the_uncached_loop_draws(sharp_model):
@@ -220,8 +249,8 @@ def test_first_body_patch_is_forced_to_start_at_line_zero(monkeypatch):
   model = model_lib.create(cfg)
   p = cfg.patch_size
 
-  def fake_draw(model, hidden, prefix, prefix_len, keys, settings):
-    del model, hidden, keys, settings
+  def fake_draw(model, hidden, prefix, prefix_len, keys, settings, cache_type):
+    del model, hidden, keys, settings, cache_type
     body = jnp.asarray([ord(c) for c in "[r:3/4]abcdefghi"])
     return jnp.where(jnp.arange(p) < prefix_len[:, None], prefix, body)
 
@@ -231,3 +260,10 @@ def test_first_body_patch_is_forced_to_start_at_line_zero(monkeypatch):
   # Forced once: the first body patch becomes `[r:0/` + what follows the prefix; later ones are not.
   assert body[:16] == "[r:0/" + "4]abcdefghi"
   assert body[16:32] == "[r:3/4]abcdefghi"
+
+
+def test_int8_weights_that_no_kernel_multiplies_are_logged(golden_dir, caplog):
+  model = checkpoint.load_model(golden_dir / "tiny.pth")
+  sampling.Sampler(model, batch=8, dtype="int8")
+  assert ("int8 weights are dequantized to bfloat16 at every step" in caplog.text and
+          "bfloat16 weights are faster" in caplog.text)

@@ -134,7 +134,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def matmul_int8(x: jax.Array, w) -> jax.Array:
-  """x [..., K] float32 @ w -> [..., N] float32, for w a `model.Int8Weight` (values int8 in
+  """x [..., K] float32 @ w -> [..., N] float32, for w a `weights.Int8Weight` (values int8 in
   `tile`'s layout, scales [K / 32, N] float32): weight (k, n) is values[k, n] * scales[k // 32, n].
   CPU only."""
   values, scales = w.values, w.scales
