@@ -14,20 +14,14 @@ added, so the pipeline samples a key and makes the stream cut on ids without eve
   `instrumentation`: text.
 
 Build a small corpus from Python with `build_shards(prepared_dir, out_dir)`. The same builder makes
-the 1.6M-piece corpus with Apache Beam: tokenizing 15 transpositions per piece is the cost, and Beam
-spreads it over workers (the driver only reads `index.jsonl`, which `prepare` writes, for the
-files and their splits). A record takes about 15 * 16 bytes per patch, ~120 KB for a piece of 500 patches.
-
-  pip install "apache-beam[gcp]"  # on the launching machine only
-  tfds build notagen_shards --imports=notagen_jax.data.shards --config=p16_prompt \\
-    --manual_dir=PREPARED --data_dir=gs://BUCKET/shards \\
-    --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,\\
-temp_location=gs://BUCKET/tmp,setup_file=./setup.py"
-
-(the workers need this package, hence `setup_file`). With a Beam runner or options configured,
-`_generate_examples` returns a Beam PTransform over the piece paths; otherwise it is a plain
-generator and Beam is never imported. `build_shards(..., beam_options=...)` takes the Beam route
-from Python.
+the 1.6M-piece corpus on Apache Beam (`build_shards(..., beam_options=...)`, or `prepare
+--beam_options`; docs/data_at_scale.md has the commands): tokenizing 15 transpositions per piece is
+the cost, and Beam spreads it over workers. The driver reads only PREPARED/index.jsonl (which
+`prepare` writes), to learn which splits have pieces; the workers read it again for the piece files,
+so the job carries no list of 1.6M paths (Dataflow refuses job requests over 20 MB). With a Beam
+runner or options configured, `_generate_examples` returns a Beam PTransform; otherwise it is a
+plain generator and Beam is never imported. Both routes write the same records (tests/test_beam.py).
+A record takes about 15 * 16 bytes per patch, ~120 KB for a piece of 500 patches.
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 from typing import Any, Iterable
 
@@ -108,6 +103,11 @@ def piece_example(path: str, patch_size: int, with_prompt: bool) -> tuple[str, d
   return piece["piece_id"], encode_piece(piece, patch_size, with_prompt)
 
 
+def _indexed_file(prepared_dir: epath.Path, row: dict[str, str]) -> str:
+  """The piece file that a row of PREPARED/index.jsonl names."""
+  return str(prepared_dir / row["file"])
+
+
 def piece_paths_by_split(prepared_dir: epath.PathLike) -> dict[str, list[str]]:
   """The piece files of PREPARED grouped by split, in sorted order.
 
@@ -119,7 +119,7 @@ def piece_paths_by_split(prepared_dir: epath.PathLike) -> dict[str, list[str]]:
   index = prepared_dir / "index.jsonl"
   if index.exists():
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
-    entries = sorted((str(prepared_dir / row["file"]), row["split"]) for row in rows)
+    entries = sorted((_indexed_file(prepared_dir, row), row["split"]) for row in rows)
   else:
     paths = [p for p in storage.files_under(prepared_dir / "pieces") if p.suffix == ".json"]
     entries = [(str(path), json.loads(path.read_text())["split"]) for path in paths]
@@ -128,6 +128,15 @@ def piece_paths_by_split(prepared_dir: epath.PathLike) -> dict[str, list[str]]:
       raise ValueError(f"{path}: split {split!r} is not one of {SPLITS}")
     by_split[split].append(path)
   return by_split
+
+
+class _ShardWriter(tfds.core.ExampleWriter):
+  """ArrayRecord shards anywhere: array_record writes local files only, so a shard bound for an
+  object store (a Beam worker writing to gs://) is written to a local file, then uploaded."""
+
+  def write(self, path: epath.PathLike, examples: Iterable[Any]) -> Any:
+    with storage.local_output(path) as local:
+      return super().write(local, examples)
 
 
 class NotagenShards(tfds.core.GeneratorBasedBuilder):
@@ -178,18 +187,32 @@ class NotagenShards(tfds.core.GeneratorBasedBuilder):
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
     super()._download_and_prepare(dl_manager, download_config)
 
+  def _example_writer(self) -> tfds.core.ExampleWriter:
+    return _ShardWriter(file_format=self.info.file_format)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     # The writer refuses an empty split, so only splits that have pieces are made.
-    return {split: self._generate_examples(paths)
-            for split, paths in piece_paths_by_split(dl_manager.manual_dir).items() if paths}
+    prepared_dir = dl_manager.manual_dir
+    return {split: self._generate_examples(prepared_dir, split, paths)
+            for split, paths in piece_paths_by_split(prepared_dir).items() if paths}
 
-  def _generate_examples(self, paths: list[str]) -> Iterable[tuple[str, dict[str, Any]]]:
+  def _generate_examples(self, prepared_dir: epath.Path, split: str,
+                         paths: list[str]) -> Iterable[tuple[str, dict[str, Any]]]:
     encode = functools.partial(piece_example, patch_size=self.builder_config.patch_size,
                                with_prompt=self.builder_config.with_prompt)
-    if self._use_beam:
-      beam = tfds.core.lazy_imports.apache_beam
-      return beam.Create(paths) | beam.Map(encode)
-    return map(encode, paths)
+    if not self._use_beam:
+      return map(encode, paths)
+    index = prepared_dir / "index.jsonl"
+    if not index.exists():
+      raise ValueError(f"{prepared_dir}: the Beam route reads index.jsonl, which prepare writes")
+    beam = tfds.core.lazy_imports.apache_beam
+    # Reshuffled so that the pieces, not runs of index lines, are what workers share out.
+    return ("ReadIndex" >> beam.io.ReadFromText(os.fspath(index))
+            | "Rows" >> beam.Map(json.loads)
+            | "OfSplit" >> beam.Filter(lambda row: row["split"] == split)
+            | "Files" >> beam.Map(functools.partial(_indexed_file, prepared_dir))
+            | "Spread" >> beam.Reshuffle()
+            | "Encode" >> beam.Map(encode))
 
 
 def build_shards(prepared_dir: epath.PathLike, out_dir: epath.PathLike, patch_size: int = 16,
