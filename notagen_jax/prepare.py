@@ -3,6 +3,7 @@
 Input: a folder of MusicXML / ABC / Humdrum files, or `music21` for music21's bundled corpus.
 Output: DIR/pieces, DIR/interleaved, DIR/report.json, and the tokenized shards under DIR/shards.
 Every path may be local or a gs:// URL (shards for gs:// are built locally, then uploaded).
+With --beam_options both stages run on Apache Beam instead (docs/data_at_scale.md).
 """
 
 from absl import app
@@ -25,10 +26,27 @@ _MATCH = flags.DEFINE_string("match", "", "Only sources whose path contains this
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).")
 _SHARDS = flags.DEFINE_bool("shards", True, "Build the tokenized TFDS shards at the end.")
 _PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Characters per patch in the shards.")
+_BEAM_OPTIONS = flags.DEFINE_string(
+    "beam_options", "",
+    "Prepare and shard on Apache Beam with these pipeline options, e.g. '--runner=DirectRunner' "
+    "or '--runner=DataflowRunner --project=P ...' (needs the beam extra); empty: local processes.")
 
 
 def main(argv):
   del argv
+  beam_options = None
+  if _BEAM_OPTIONS.value:
+    try:
+      # Imported only here: Beam is an optional extra.
+      from notagen_jax.data import beam  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+      raise app.UsageError(f"--beam_options needs Apache Beam (pip install -e '.[beam]'): "
+                           f"{error}") from error
+    beam_options = beam.options(_BEAM_OPTIONS.value)
+    try:
+      beam.check_reachable(beam_options, _INPUT.value, _OUTPUT.value)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from error
   if _INPUT.value == corpus.MUSIC21_KEYWORD:
     if _INDEX.value:
       raise app.UsageError("--index applies to a folder input, not to music21's corpus")
@@ -39,13 +57,14 @@ def main(argv):
     sources = [source for source in sources if _MATCH.value in source.path]
   options = preparation.PrepareOptions(eval_fraction=_EVAL_FRACTION.value,
                                        workers=_WORKERS.value,
-                                       retry_failed=_RETRY_FAILED.value, limit=_LIMIT.value)
+                                       retry_failed=_RETRY_FAILED.value, limit=_LIMIT.value,
+                                       beam_options=beam_options)
   report = preparation.prepare_corpus(sources, _OUTPUT.value, options)
   print(preparation.summary(report))
   print(f"report: {_OUTPUT.value}/report.json")
   if _SHARDS.value and report["prepared"]:
     shards_dir = shards.build_shards(_OUTPUT.value, f"{_OUTPUT.value}/shards",
-                                     patch_size=_PATCH_SIZE.value)
+                                     patch_size=_PATCH_SIZE.value, beam_options=beam_options)
     print(f"shards: {shards_dir}")
 
 

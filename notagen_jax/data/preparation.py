@@ -19,7 +19,7 @@ import json
 import multiprocessing
 import os
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 import tqdm
 from etils import epath
@@ -35,6 +35,8 @@ class PrepareOptions:
   workers: int = 0  # 0: all cores
   retry_failed: bool = False
   limit: int = 0  # 0: every piece; otherwise the first `limit` (for quick runs)
+  # Apache Beam PipelineOptions: the pieces prepared on Beam's workers (data/beam.py), not here.
+  beam_options: Any = None
 
 
 def _bucket(piece_id: str) -> str:
@@ -123,9 +125,21 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
         continue
       failed.unlink()
     todo.append(source)
-  workers = options.workers or os.cpu_count() or 1
   start = time.time()
   jobs = [(source, str(out), options.eval_fraction) for source in todo]
+  if options.beam_options is not None:
+    # Imported only here: Beam is an optional extra.
+    from notagen_jax.data import beam  # pylint: disable=import-outside-toplevel
+    beam.run_each(_run_one, jobs, out, options.beam_options)
+  else:
+    _run_locally(jobs, options.workers or os.cpu_count() or 1)
+  report = build_report(out, sources, options.eval_fraction, time.time() - start, len(jobs))
+  report["duplicates"] = duplicates
+  (out / "report.json").write_text(json.dumps(report, indent=1))
+  return report
+
+
+def _run_locally(jobs: list[tuple[corpus.PieceSource, str, float]], workers: int) -> None:
   if workers == 1:
     results = map(_run_one, jobs)
     pool = None
@@ -140,10 +154,6 @@ def prepare_corpus(sources: Iterable[corpus.PieceSource], out_dir: str | os.Path
     if pool is not None:
       pool.close()
       pool.join()
-  report = build_report(out, sources, options.eval_fraction, time.time() - start, len(jobs))
-  report["duplicates"] = duplicates
-  (out / "report.json").write_text(json.dumps(report, indent=1))
-  return report
 
 
 def _results(out: epath.Path) -> set[str]:
