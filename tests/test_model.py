@@ -38,6 +38,10 @@ def tiny(golden_dir):
   return checkpoint.load_model(golden_dir / "tiny.pth")
 
 
+# A per-patch log-prob sums 16 float32 char log-probs: a few ulps of its magnitude.
+PER_PATCH_TOLERANCE = dict(rtol=3e-6, atol=1e-5)
+
+
 def _one(case):
   patches = np.asarray(case["patch_ids"], np.int32)[None]
   return patches, np.ones(patches.shape[:2], np.int32)
@@ -65,17 +69,20 @@ def test_golden_parity_unpadded(tiny, cases):
   case = cases[0]
   patches, mask = _one(case)
   out = forward(tiny, patches, mask)
-  np.testing.assert_allclose(out.loss, case["loss"], rtol=1e-4)
-  np.testing.assert_allclose(out.sum_logprob[0], case["sum_char_logprob"], rtol=1e-4)
+  # Float32 rounding only (measured on these pieces: 3e-7 relative on the loss and sums, per-patch
+  # log-probs within 2.3e-5 of values up to 81, hidden states within 6e-7, next-char
+  # probabilities within 7e-9); the bounds leave about ten times that.
+  np.testing.assert_allclose(out.loss, case["loss"], rtol=2e-6)
+  np.testing.assert_allclose(out.sum_logprob[0], case["sum_char_logprob"], rtol=2e-6)
   assert int(out.n_chars[0]) == case["n_target_chars"]
   np.testing.assert_allclose(out.patch_logprob[0], case["per_target_patch_logprob"],
-                             rtol=1e-4, atol=1e-4)
+                             **PER_PATCH_TOLERANCE)
   np.testing.assert_allclose(out.hidden[0, 0, :8], case["patch_hidden_first_patch_first8"],
-                             atol=1e-4)
+                             atol=5e-6)
   np.testing.assert_allclose(out.hidden[0, -1, :8], case["patch_hidden_last_patch_first8"],
-                             atol=1e-4)
+                             atol=5e-6)
   probs = next_char_probs(tiny, patches, mask)
-  np.testing.assert_allclose(probs[0], case["generate_next_char_probs_after_piece"], atol=1e-5)
+  np.testing.assert_allclose(probs[0], case["generate_next_char_probs_after_piece"], atol=1e-7)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -85,23 +92,23 @@ def test_golden_parity_padded_batch(batch_out, cases, index):
   case = cases[index]
   n = case["n_patches"]
   assert int(out.n_chars[index]) == case["n_target_chars"]
-  np.testing.assert_allclose(-out.sum_logprob[index] / out.n_chars[index], case["loss"], rtol=1e-4)
-  np.testing.assert_allclose(out.sum_logprob[index], case["sum_char_logprob"], rtol=1e-4)
+  np.testing.assert_allclose(-out.sum_logprob[index] / out.n_chars[index], case["loss"], rtol=2e-6)
+  np.testing.assert_allclose(out.sum_logprob[index], case["sum_char_logprob"], rtol=2e-6)
   np.testing.assert_allclose(out.patch_logprob[index, :n - 1], case["per_target_patch_logprob"],
-                             rtol=1e-4, atol=1e-4)
+                             **PER_PATCH_TOLERANCE)
   assert not np.any(out.char_mask[index, n - 1:])
   np.testing.assert_allclose(out.hidden[index, 0, :8], case["patch_hidden_first_patch_first8"],
-                             atol=1e-4)
+                             atol=5e-6)
   np.testing.assert_allclose(out.hidden[index, n - 1, :8],
-                             case["patch_hidden_last_patch_first8"], atol=1e-4)
+                             case["patch_hidden_last_patch_first8"], atol=5e-6)
   np.testing.assert_allclose(probs[index], case["generate_next_char_probs_after_piece"],
-                             atol=1e-5)
+                             atol=1e-7)
 
 
 def test_batch_loss_is_mean_over_all_chars(batch_out, cases):
   total = sum(c["n_target_chars"] for c in cases)
   expected = -sum(c["sum_char_logprob"] for c in cases) / total
-  np.testing.assert_allclose(batch_out[0].loss, expected, rtol=1e-4)
+  np.testing.assert_allclose(batch_out[0].loss, expected, rtol=2e-6)
 
 
 def test_sharpened_weights_match_torch_reference(state_dict, cases):
@@ -118,14 +125,16 @@ def test_sharpened_weights_match_torch_reference(state_dict, cases):
     expected = reference(torch.from_numpy(patches).long(), torch.from_numpy(mask).long())
     expected_probs = reference.next_char_probs(torch.from_numpy(patches).long())
   out = forward(model, patches, mask)
-  assert float(out.loss) > 5.0  # really sharpened: far from the uniform 4.85 nats
-  np.testing.assert_allclose(out.loss, expected["loss"].item(), rtol=1e-4)
-  np.testing.assert_allclose(out.sum_logprob[0], expected["sum_logprob"].item(), rtol=1e-4)
+  assert float(out.loss) > 7.0  # really sharpened: far from the uniform 4.85 nats (7.75 here)
+  # Float32 rounding only, as on the golden weights; the values are larger (per-patch log-probs
+  # up to 150, measured within 6.1e-5; hidden states up to 12.6, within 3.2e-5).
+  np.testing.assert_allclose(out.loss, expected["loss"].item(), rtol=2e-6)
+  np.testing.assert_allclose(out.sum_logprob[0], expected["sum_logprob"].item(), rtol=2e-6)
   np.testing.assert_allclose(out.patch_logprob[0], expected["per_patch_logprob"].numpy(),
-                             rtol=1e-3, atol=1e-2)
-  np.testing.assert_allclose(out.hidden[0], expected["hidden"][0].numpy(), atol=1e-3)
+                             **PER_PATCH_TOLERANCE)
+  np.testing.assert_allclose(out.hidden[0], expected["hidden"][0].numpy(), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(next_char_probs(model, patches, mask)[0],
-                             expected_probs[0].numpy(), atol=1e-5)
+                             expected_probs[0].numpy(), atol=5e-6)
 
 
 def test_bfloat16_compute_close_to_float32(golden_dir, cases):
@@ -133,12 +142,12 @@ def test_bfloat16_compute_close_to_float32(golden_dir, cases):
   patches, mask = _batch(cases)
   out = forward(model, patches, mask)
   # bf16 keeps 8 mantissa bits; LayerNorm, softmax and the head's accumulation stay float32.
-  # Measured: 1.5e-5 relative on these pieces; the bound leaves room for other weights.
+  # Measured on these pieces: 1.7e-5 relative on the loss, at most 2.9e-5 on a piece's sum.
   total = sum(c["n_target_chars"] for c in cases)
   np.testing.assert_allclose(out.loss, -sum(c["sum_char_logprob"] for c in cases) / total,
-                             rtol=1e-3)
+                             rtol=1e-4)
   for i, case in enumerate(cases):
-    np.testing.assert_allclose(out.sum_logprob[i], case["sum_char_logprob"], rtol=1e-3)
+    np.testing.assert_allclose(out.sum_logprob[i], case["sum_char_logprob"], rtol=2e-4)
 
 
 def test_char_packing_matches_unpacked(golden_dir, batch_out, cases):
@@ -216,7 +225,8 @@ def test_dropout_only_while_training(tiny, cases):
   assert np.isfinite(first) and first != second
   evaluated = forward(tiny, patches, mask).loss
   np.testing.assert_allclose(forward(tiny, patches, mask).loss, evaluated, rtol=0)
-  assert abs(float(first) - float(evaluated)) < 0.5
+  # Dropout 0.1 moves this tiny model's loss by a little (measured over 20 keys: at most 0.008).
+  assert abs(float(first) - float(evaluated)) < 0.03
 
 
 def test_manual_attention_matches_dot_product_attention():
