@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import pathlib
 import re
@@ -11,8 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from notagen_jax import config as config_lib
+from notagen_jax import model as model_lib
 from notagen_jax import sharding
 from notagen_jax import trainer
 from notagen_jax.data import corpus
@@ -57,11 +60,23 @@ def _read_metrics(workdir, split="train"):
 
 def test_one_step_pretrain(corpus_shards, tmp_path):
   c = tiny_config("pretrain", tmp_path, corpus_shards)
+  batch = next(trainer.make_train_data(c, None))  # the step's batch: the same seed, the same rows
   metrics = trainer.train_and_evaluate(c, str(tmp_path))
-  assert np.isfinite(metrics["loss"]) and 3.0 < metrics["loss"] < 6.0
-  assert metrics["n_chars"] > 0 and metrics["chars_per_s"] > 0
-  assert metrics["tflops_per_device"] > 0
-  assert "eval_loss" in metrics and "eval_bits_per_char" in metrics
+  # Target chars: the non-pad chars of every patch whose predecessor is real too.
+  pairs = (batch["masks"][:, :-1] & batch["masks"][:, 1:]).astype(bool)
+  n_chars = int(((batch["patches"][:, 1:] != 0) & pairs[..., None]).sum())
+  assert metrics["n_chars"] == n_chars
+  assert metrics["loss"] == pytest.approx(metrics["nll_sum"] / n_chars, rel=1e-6)
+  # A fresh model's logits have std ~ 0.02 * sqrt(128) ~ 0.23: its loss is ln 128 + ~0.03.
+  assert metrics["loss"] == pytest.approx(np.log(128), abs=0.06)
+  flops = 3 * sum(trainer.forward_flops(trainer.model_config(c), int(n))
+                  for n in batch["masks"].sum(axis=1) if n > 1)
+  assert metrics["flops"] == flops
+  # Both throughputs divide by the same step time: their ratio is the FLOPs per target char.
+  assert metrics["tflops_per_device"] / metrics["chars_per_s"] == pytest.approx(
+      flops / (jax.device_count() * 1e12 * n_chars), rel=1e-9)
+  assert metrics["eval_bits_per_char"] == pytest.approx(metrics["eval_loss"] / np.log(2),
+                                                        rel=1e-6)
   assert list((tmp_path / "tensorboard").iterdir())
   assert (tmp_path / "checkpoints" / "1").is_dir()
   # The finished run exports to the original's .pth format.
@@ -86,13 +101,16 @@ def test_one_step_dpo(preference_file, tmp_path, golden_dir):
                      "model.patch_length": 256, "mesh.shape": (2, 1, -1), "model.dropout": 0.0})
   metrics = trainer.train_and_evaluate(c, str(tmp_path))
   # Policy == reference at step 0 (dropout off): the DPO-Positive loss is log 2, up to float
-  # rounding of ~1e4-sized log-prob sums (batched vs one by one), which lambda=10 amplifies.
-  assert metrics["loss"] == pytest.approx(np.log(2), abs=5e-3)
+  # rounding of ~1e4-sized log-prob sums (batched vs one by one; an ulp there is 1e-3 nats, which
+  # beta = 0.1 scales down and lambda = 10 up). Measured: 8.5e-5 from log 2.
+  assert metrics["loss"] == pytest.approx(np.log(2), abs=2e-3)
   reference = json.loads((tmp_path / "reference_logps.json").read_text())
   assert len(reference["chosen"]) == 2 and len(reference["rejected"]) == 1
-  # The golden checkpoint's summed log-prob of chorale 0 (cases.json) is the precomputed value.
+  # The golden checkpoint's summed log-probs of the chorales (cases.json) are the precomputed
+  # values: chorales 0 and 1 chosen, 2 rejected.
   cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
-  assert reference["chosen"][0] == pytest.approx(cases[0]["sum_char_logprob"], rel=1e-4)
+  for logp, case in zip(reference["chosen"] + reference["rejected"], cases):
+    assert logp == pytest.approx(case["sum_char_logprob"], rel=1e-6)  # measured: 1.1e-7 at most
   assert {"eval_rewards/accuracy", "eval_rewards/margin", "eval_loss"} <= set(metrics)
 
 
@@ -355,11 +373,55 @@ def test_mesh_shape_resolution():
     sharding.mesh_shape((3, -1, 1), 8)
 
 
-def test_flops_count_small():
-  cfg = trainer.model_config(config_lib.base_config("pretrain", "small"))
-  # ~2 * params * tokens plus attention: the patch level dominates per patch.
-  flops = trainer.forward_flops(cfg, 2048)
-  assert 3e11 < flops < 2e12
+def _matmul_flops(jaxpr) -> int:
+  """2 * M * N * K over every dot_general of a jaxpr, inner jaxprs included (a scan's times its
+  length)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+    repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(inner, jax.extend.core.ClosedJaxpr):
+          total += repeat * _matmul_flops(inner.jaxpr)
+        elif isinstance(inner, jax.extend.core.Jaxpr):
+          total += repeat * _matmul_flops(inner)
+  return total
+
+
+def _hand_count(cfg, n_patches):
+  """The forward's matmuls from the architecture: a layer over t tokens multiplies by its q, k, v,
+  output (4 H^2) and MLP (8 H^2) weights, and runs Q K^T and A V over t x t (2 * 2 t^2 H). The
+  patch level embeds each patch with a (16 * 128) x H Linear; the char level runs 16 positions
+  per pair of patches (the original's 17th predicts nothing and is not computed) and a tied
+  H x 128 head."""
+  h, p = cfg.hidden, cfg.patch_size
+  layer = lambda t: 2 * t * 12 * h * h + 2 * 2 * t * t * h
+  patch_level = 2 * n_patches * p * cfg.vocab * h + cfg.patch_layers * layer(n_patches)
+  char_level = (n_patches - 1) * (cfg.char_layers * layer(p) + 2 * p * h * cfg.vocab)
+  return patch_level + char_level
+
+
+@pytest.mark.xfail(strict=True, reason="forward_flops counts 17 char positions per pair; the "
+                   "model computes 16 (4-5% more FLOPs than run, so MFU and tflops read high)")
+@pytest.mark.parametrize("size,n_patches", [("tiny", 64), ("small", 2048), ("large", 1024)])
+def test_forward_flops_are_the_matmuls_the_forward_runs(size, n_patches):
+  cfg = trainer.model_config(config_lib.base_config("pretrain", size))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.create(cfg)))
+  jaxpr = jax.make_jaxpr(
+      lambda state, patches, mask: model_lib.forward(nnx.merge(graphdef, state), patches,
+                                                     mask).char_logprob)(
+          state, jax.ShapeDtypeStruct((1, n_patches, 16), np.int32),
+          jax.ShapeDtypeStruct((1, n_patches), np.int32))
+  # The char decoder reads its wte [128, H] and wpe [17, H] tables as one-hot matmuls; those
+  # are table reads, not model FLOPs, in the original and in the count.
+  lookups = 2 * (n_patches - 1) * cfg.patch_size * (cfg.vocab + cfg.patch_size + 1) * cfg.hidden
+  counted = _matmul_flops(jaxpr.jaxpr) - lookups
+  assert counted == _hand_count(cfg, n_patches)
+  assert trainer.forward_flops(cfg, n_patches) == counted
 
 
 def test_fsdp_mesh_splits_activations_by_batch():
