@@ -5,10 +5,10 @@ with a summary table per iteration in DIR/summary.txt and DIR/score.png. Every p
 checkpoint, the prepared corpus) may be local or a gs:// URL.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from notagen_jax import cli
 from notagen_jax import dpo_loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/clamp_dpo.py[:SIZE]",
@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

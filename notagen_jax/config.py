@@ -16,6 +16,7 @@ MODES = ("pretrain", "finetune", "dpo")
 DPO_LOSSES = ("dpo_positive", "dpo", "ipo")
 SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
+DTYPES = ("float32", "bfloat16")
 # The original's learning rates: pre-training 2e-4 (small) / 1e-4 (medium, large), fine-tuning
 # 1e-5, DPO 1e-6.
 PRETRAIN_LR = {"tiny": 2e-4, "small": 2e-4, "medium": 1e-4, "large": 1e-4}
@@ -143,7 +144,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except ValueError as error:
     _check(False, "model.size", str(error))
   _check(c.model.patch_length > 1, "model.patch_length", f"{c.model.patch_length} must be > 1")
-  _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"{c.model.dtype!r}")
+  _check(c.model.dtype in DTYPES, "model.dtype", f"{c.model.dtype!r} is not one of {DTYPES}")
   _check(0 <= c.model.dropout < 1, "model.dropout", f"{c.model.dropout} not in [0, 1)")
   _check(c.model.patch_sampling >= 0, "model.patch_sampling", "must be >= 0")
   d = c.data

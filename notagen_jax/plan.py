@@ -13,13 +13,11 @@ libtpu (`pip install "jax[tpu]"`) but no TPU:
   python -m notagen_jax.plan --config=configs/dpo.py:large --devices=v5p-64 --compile
 """
 
-import sys
-
 import jax
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from notagen_jax import cli
 from notagen_jax import planning
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:size].",
@@ -40,18 +38,12 @@ def main(argv):
     # A named slice is compiled for through libtpu's description of it: no backend of this host
     # but its CPU is needed (and a TPU runtime would look for chips that are not here).
     jax.config.update("jax_platforms", "cpu")
-  try:
-    mesh = planning.parse_mesh(_MESH.value) if _MESH.value else None
-    result = planning.plan(_CONFIG.value, devices=_DEVICES.value, mesh=mesh, mfu=_MFU.value,
-                           compile=_COMPILE.value)
-  except ValueError as error:
-    sys.exit(f"plan: {error}")
+  mesh = planning.parse_mesh(_MESH.value) if _MESH.value else None
+  result = planning.plan(_CONFIG.value, devices=_DEVICES.value, mesh=mesh, mfu=_MFU.value,
+                         compile=_COMPILE.value)
   print(planning.format_plan(result))
-  try:
-    planning.check_fits(result)
-  except ValueError as error:
-    sys.exit(f"plan: {error}")
+  planning.check_fits(result)  # a run that does not fit ends in one line, after the plan
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

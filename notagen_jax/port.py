@@ -34,6 +34,7 @@ from etils import epath
 from flax import nnx
 
 from notagen_jax import checkpoint
+from notagen_jax import cli
 from notagen_jax import model as model_lib
 from notagen_jax import storage
 from notagen_jax import torch_port
@@ -175,6 +176,9 @@ def torch_checkpoint(source: str | epath.PathLike, step: int | None = None,
     raise ValueError(f"{source}: optimizer state and --step need a training run (its workdir, "
                      f"one of its {CHECKPOINTS}/N or its final params)")
   is_params = (path / checkpoint.PARAMS).is_dir() or path.suffix in checkpoint.TORCH_SUFFIXES
+  if run is None and not is_params:
+    raise ValueError(f"{source}: not a checkpoint (a params dir, a NotaGen "
+                     f"{'/'.join(checkpoint.TORCH_SUFFIXES)} or a training run)")
   state = restore_train_state(run) if run and (with_optimizer or not is_params) else None
   if is_params:
     model = checkpoint.export_state_dict(checkpoint.load_model(path))
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   if args.command == "from-torch":
-    model = checkpoint.load_model(args.checkpoint)
+    with cli.reported(args.checkpoint, errors=(Exception,)):
+      model = checkpoint.load_model(args.checkpoint)
     checkpoint.save_params(args.out_dir, model)
     print(f"wrote {args.out_dir} ({model.cfg.patch_layers}/{model.cfg.char_layers} layers, "
           f"hidden {model.cfg.hidden}, patch_length {model.cfg.patch_length})")
@@ -227,4 +232,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run_argparse(main)

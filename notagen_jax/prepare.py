@@ -9,6 +9,7 @@ With --beam_options both stages run on Apache Beam instead (docs/data_at_scale.m
 from absl import app
 from absl import flags
 
+from notagen_jax import cli
 from notagen_jax.data import corpus
 from notagen_jax.data import preparation
 from notagen_jax.data import shards
@@ -19,13 +20,15 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where prepared pieces and the rep
                               required=True)
 _INDEX = flags.DEFINE_string("index", None,
                              "CSV/JSONL with path + period/composer/instrumentation per piece.")
-_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of pieces in the eval split.")
-_WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of pieces in the eval split.",
+                                    lower_bound=0, upper_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).", lower_bound=0)
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Try recorded failures again.")
 _MATCH = flags.DEFINE_string("match", "", "Only sources whose path contains this (e.g. bach/bwv).")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N pieces (0: all).", lower_bound=0)
 _SHARDS = flags.DEFINE_bool("shards", True, "Build the tokenized TFDS shards at the end.")
-_PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Characters per patch in the shards.")
+_PATCH_SIZE = flags.DEFINE_integer("patch_size", 16, "Characters per patch in the shards.",
+                                    lower_bound=2)
 _BEAM_OPTIONS = flags.DEFINE_string(
     "beam_options", "",
     "Prepare and shard on Apache Beam with these pipeline options, e.g. '--runner=DirectRunner' "
@@ -50,11 +53,18 @@ def main(argv):
   if _INPUT.value == corpus.MUSIC21_KEYWORD:
     if _INDEX.value:
       raise app.UsageError("--index applies to a folder input, not to music21's corpus")
-    sources = corpus.music21_sources()
+    sources = list(corpus.music21_sources())
   else:
-    sources = corpus.folder_sources(_INPUT.value, _INDEX.value)
+    sources = list(corpus.folder_sources(_INPUT.value, _INDEX.value))
+  if not sources:
+    raise app.UsageError(f"{_INPUT.value}: no scores in it (files ending in "
+                         f"{', '.join(corpus.SUPPORTED_SUFFIXES)})")
   if _MATCH.value:
-    sources = [source for source in sources if _MATCH.value in source.path]
+    matched = [source for source in sources if _MATCH.value in source.path]
+    if not matched:
+      raise app.UsageError(f"--match={_MATCH.value}: none of the {len(sources)} scores in "
+                           f"{_INPUT.value} has it in its path")
+    sources = matched
   options = preparation.PrepareOptions(eval_fraction=_EVAL_FRACTION.value,
                                        workers=_WORKERS.value,
                                        retry_failed=_RETRY_FAILED.value, limit=_LIMIT.value,
@@ -62,11 +72,14 @@ def main(argv):
   report = preparation.prepare_corpus(sources, _OUTPUT.value, options)
   print(preparation.summary(report))
   print(f"report: {_OUTPUT.value}/report.json")
-  if _SHARDS.value and report["prepared"]:
+  if not report["prepared"]:
+    raise app.UsageError(f"none of the {report['requested']} pieces could be prepared (reasons "
+                         f"in {_OUTPUT.value}/report.json)")
+  if _SHARDS.value:
     shards_dir = shards.build_shards(_OUTPUT.value, f"{_OUTPUT.value}/shards",
                                      patch_size=_PATCH_SIZE.value, beam_options=beam_options)
     print(f"shards: {shards_dir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,12 +9,11 @@ found, before anything is trained. One process.
 """
 
 import functools
-import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from notagen_jax import cli
 from notagen_jax import scaling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/scaling.py[:variant].",
@@ -26,10 +25,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  try:
-    sweep = scaling.plan_sweep(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as error:
-    sys.exit(f"sweep: {error}")
+  sweep = scaling.plan_sweep(_CONFIG.value, _WORKDIR.value)
   print(scaling.format_plan(sweep), flush=True)
   result = scaling.run_sweep(sweep, report=functools.partial(print, flush=True))
   print(scaling.format_table(result))
@@ -39,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ import random
 from absl import app
 from absl import flags
 
+from notagen_jax import cli
 from notagen_jax import storage
 from notagen_jax.data.tokenizer import Patchilizer
 
@@ -26,7 +27,8 @@ def main(argv):
   path = storage.path(argv[1])
   if not path.is_file():
     raise app.UsageError(f"{path} is not a file")
-  text = path.read_text(encoding="utf-8")
+  with cli.reported(argv[1]):
+    text = path.read_text(encoding="utf-8")
   patchilizer = Patchilizer(patch_size=_PATCH_SIZE.value, patch_length=_PATCH_LENGTH.value)
   try:
     if _MODE.value == "train":
@@ -40,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,11 +5,11 @@ explicit `--config.distributed.*`) call jax.distributed.initialize first.
 """
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from notagen_jax import cli
 from notagen_jax import config as config_lib
 from notagen_jax import trainer
 
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

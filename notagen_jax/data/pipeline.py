@@ -219,9 +219,27 @@ def make_iterator(shards_dir: epath.PathLike, state: dict[str, Any] | None = Non
 
 
 def preference_pairs(pairs_path: epath.PathLike) -> tuple[list[str], list[str]]:
-  """The chosen and rejected texts of the original's preference JSON."""
-  data = json.loads(epath.Path(pairs_path).read_text())
-  return list(data["chosen"]), list(data["rejected"])
+  """The chosen and rejected texts of the original's preference JSON; ValueError naming the file,
+  key and entry where it is not `{"chosen": [texts], "rejected": [texts]}`."""
+  try:
+    data = json.loads(epath.Path(pairs_path).read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{pairs_path}: not JSON: {error}") from error
+  if not isinstance(data, dict):
+    raise ValueError(f"{pairs_path}: holds a {type(data).__name__}, not "
+                     '{"chosen": [texts], "rejected": [texts]}')
+  texts = []
+  for key in ("chosen", "rejected"):
+    if key not in data:
+      raise ValueError(f"{pairs_path}: no {key!r} key")
+    if not isinstance(data[key], list):
+      raise ValueError(f"{pairs_path}: {key!r} is not a list of ABC texts but "
+                       f"{json.dumps(data[key])[:60]}")
+    for i, text in enumerate(data[key]):
+      if not isinstance(text, str):
+        raise ValueError(f"{pairs_path}: {key}[{i}] is not an ABC text but {json.dumps(text)[:60]}")
+    texts.append(data[key])
+  return texts[0], texts[1]
 
 
 @dataclasses.dataclass(frozen=True)
