@@ -3,8 +3,9 @@
 Samples pieces from a checkpoint (ours, or a NotaGen `.pth` / `.safetensors`) with the original's
 sampling, many at once with the KV-cached sampler, and writes per piece the raw ABC, the
 un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl. The prompt is period / composer /
-instrumentation (checked against `--known_prompts`, a prepared corpus, when given) or a file to
-continue (`--continue_from=score.xml|.abc`). Every path may be local or a gs:// URL.
+instrumentation (checked against `--known_prompts`, a prepared corpus, when given), or a score to
+continue (`--continue_from=score.xml|.abc|.krn`, read as `prepare` reads it; `--tune=N` for one tune
+of an ABC file of several), or both. Every path may be local or a gs:// URL.
 """
 
 import json
@@ -13,6 +14,7 @@ from absl import app
 from absl import flags
 
 from notagen_jax import checkpoint
+from notagen_jax import cli
 from notagen_jax import generation
 from notagen_jax import sampling
 
@@ -24,10 +26,16 @@ _COMPOSER = flags.DEFINE_string("composer", None, "e.g. 'Bach, Johann Sebastian'
 _INSTRUMENTATION = flags.DEFINE_string("instrumentation", None, "e.g. Keyboard, Choral.")
 _KNOWN = flags.DEFINE_string("known_prompts", None,
                              "A prepared corpus whose combinations the prompt must be one of.")
-_CONTINUE = flags.DEFINE_string("continue_from", None, "An ABC / MusicXML file to continue.")
-_BARS = flags.DEFINE_integer("bars", 0, "With --continue_from: keep its first N lines (0: all).")
-_N = flags.DEFINE_integer("num_pieces", 4, "Pieces to generate.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Pieces generated at once.")
+_CONTINUE = flags.DEFINE_string(
+    "continue_from", None, "A score to continue (MusicXML, ABC or Humdrum, read as `prepare` "
+    "reads it; an interleaved ABC such as a generated piece too).")
+_TUNE = flags.DEFINE_integer(
+    "tune", 0, "With --continue_from an ABC file of several tunes: the one to continue (1-based). "
+    "Such a file needs it (a run continues one piece; run again for another tune).", lower_bound=0)
+_BARS = flags.DEFINE_integer("bars", 0, "With --continue_from: keep its first N lines (0: all).",
+                             lower_bound=0)
+_N = flags.DEFINE_integer("num_pieces", 4, "Pieces to generate.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 8, "Pieces generated at once.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Piece i draws from fold_in(key(seed), i).")
 _TOP_K = flags.DEFINE_integer("top_k", 9, "Top-k (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Top-p.")
@@ -36,6 +44,8 @@ _MAX_CHARS = flags.DEFINE_integer("max_chars", 102400, "Characters per piece bef
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Seconds per piece before it fails.")
 _MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: until it ends).")
 _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
+flags.register_validator("formats", lambda formats: set(formats) <= {"xml", "mid"},
+                         "takes xml, mid, both or nothing (comma-separated)")
 _WEIGHTS_DTYPE = flags.DEFINE_enum(
     "weights_dtype", "float32", list(sampling.WEIGHT_DTYPES),
     "Weight matrices as stored while sampling (sums in float32; float32 keeps the original's "
@@ -48,17 +58,28 @@ def main(argv):
   settings = sampling.Settings(top_k=_TOP_K.value, top_p=_TOP_P.value,
                                temperature=_TEMPERATURE.value, max_chars=_MAX_CHARS.value,
                                max_seconds=_MAX_SECONDS.value, max_patches=_MAX_PATCHES.value)
+  fields = {"period": _PERIOD.value, "composer": _COMPOSER.value,
+            "instrumentation": _INSTRUMENTATION.value}
+  given = [f"--{name}" for name, value in fields.items() if value]
+  missing = [f"--{name}" for name, value in fields.items() if not value]
+  if given and missing:
+    raise app.UsageError(f"{' and '.join(given)} given without {' and '.join(missing)}: a prompt "
+                         "is all three of period, composer and instrumentation")
+  if (_TUNE.value or _BARS.value) and not _CONTINUE.value:
+    raise app.UsageError("--tune and --bars apply to --continue_from")
   head = ""
-  if _PERIOD.value or _COMPOSER.value or _INSTRUMENTATION.value:
+  if given:
     known = generation.known_combinations(_KNOWN.value) if _KNOWN.value else None
-    head = generation.prompt_text(_PERIOD.value, _COMPOSER.value, _INSTRUMENTATION.value, known)
+    head = generation.prompt_text(*fields.values(), known)
   if _CONTINUE.value:
-    prompt = generation.continuation_prompt(_CONTINUE.value, head=head, bars=_BARS.value)
+    prompt = generation.continuation_prompt(_CONTINUE.value, head=head, bars=_BARS.value,
+                                            tune=_TUNE.value)
   elif head:
     prompt = head
   else:
     raise app.UsageError("give --period/--composer/--instrumentation or --continue_from")
-  model = checkpoint.load_model(_CHECKPOINT.value)
+  with cli.reported(_CHECKPOINT.value, errors=(Exception,)):
+    model = checkpoint.load_model(_CHECKPOINT.value)
   weights_dtype = None if _WEIGHTS_DTYPE.value == "float32" else _WEIGHTS_DTYPE.value
   written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
                                 batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value,
@@ -72,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -57,21 +57,25 @@ def prompt_text(period: str, composer: str, instrumentation: str,
 
 
 def continuation_prompt(path: epath.PathLike, head: str = "", bars: int = 0,
-                        extra_lines: int | None = None) -> str:
-  """A prompt continuing an ABC or MusicXML file: its first `bars` lines (0: all) in training form.
+                        extra_lines: int | None = None, tune: int = 0) -> str:
+  """A prompt continuing a score file: its first `bars` lines (0: all) in training form.
 
-  The piece is cleaned, interleaved and rest-reduced as in preparation, with `head` (e.g. the
-  `%` prompt lines) before its header. Its body lines get `[r:i/j]` markers whose j counts down
-  to `extra_lines` more lines (default: as many again), so that the model does not read the
+  The piece (MusicXML, ABC or Humdrum, as `prepare` reads them; an interleaved ABC such as a
+  generated piece too) is converted, cleaned and rest-reduced as in preparation, with `head`
+  (e.g. the `%` prompt lines) before its header. `tune` (1-based) picks one tune of an ABC file
+  that holds several; such a file needs it. Its body lines get `[r:i/j]` markers whose j counts
+  down to `extra_lines` more lines (default: as many again), so that the model does not read the
   prompt's last line as the piece's last.
   """
-  path = storage.path(path)
-  if path.suffix.lower() in (".xml", ".musicxml", ".mxl"):
-    text = abc.musicxml_to_abc(path.read_bytes(), path.name)
-  else:
-    text = path.read_text(encoding="utf-8")
+  sources = corpus.file_sources(path)
+  if tune and not 1 <= tune <= len(sources):
+    raise ValueError(f"{path}: no tune {tune} (it holds {len(sources)})")
+  if not tune and len(sources) > 1:
+    raise ValueError(f"{path} holds {len(sources)} tunes: choose one with --tune "
+                     f"(1 to {len(sources)})")
+  source = sources[tune - 1 if tune else 0]
   try:
-    lines = tokenizer.text_lines(abc.rest_reduce(abc.clean(text)))
+    lines = tokenizer.text_lines(abc.rest_reduce(abc.clean(source.to_standard_abc())))
   except abc.PieceError as error:
     raise ValueError(f"{path}: cannot be used as a prompt: {error}") from error
   split = tokenizer.body_index(lines)

@@ -3,6 +3,7 @@
 A `PieceSource` names one piece (a file, or one tune of a multi-tune ABC file) and knows how to
 turn it into standard ABC: MusicXML goes straight to xml2abc; Humdrum and ABC tunes are read by
 music21 and written as MusicXML first, so every piece reaches the cleaning step in the same form.
+An ABC tune already interleaved (what `prepare` and generation write) is de-interleaved instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pathlib
 import re
 from typing import Iterable, Iterator, Mapping
 
+from abctoolkit.rotate import unrotate_abc
 from etils import epath
 
 from notagen_jax import storage
@@ -90,7 +92,10 @@ class PieceSource:
         raise abc.PieceError("empty file")
       return abc.musicxml_to_abc(data, self.path)
     if suffix == ".abc":
-      return abc.musicxml_to_abc(_music21_to_musicxml(abc_tune(self.path, self.tune), "abc"))
+      tune = abc_tune(self.path, self.tune)
+      if is_interleaved(tune):
+        return deinterleave(tune)
+      return abc.musicxml_to_abc(_music21_to_musicxml(tune, "abc"))
     if suffix == ".krn":
       with storage.local_copy(self.path) as local:  # music21 reads Humdrum from a file
         return abc.musicxml_to_abc(_music21_to_musicxml(local, "humdrum"))
@@ -161,6 +166,30 @@ def abc_tune(path: str, tune: int) -> str:
   return tunes[tune - 1]
 
 
+_INTERLEAVED_LINE = re.compile(r"^(\[r:[^\]]*\])?\[V:", re.MULTILINE)
+
+
+def is_interleaved(text: str) -> bool:
+  """Whether an ABC text is in the interleaved form (one line per bar, every voice's bar after its
+  `[V:` tag) that `prepare`, generation and the corpus's interleaved/ files hold."""
+  return bool(_INTERLEAVED_LINE.search(text))
+
+
+def deinterleave(text: str) -> str:
+  """An interleaved (or rest-reduced, generated) text as standard ABC, voice after voice.
+
+  music21 would read the interleaved voices as one; this is the text that cleaning and
+  interleaving turn back into the same interleaved form. `%` prompt lines are dropped, as
+  the prompt comes from a piece's metadata.
+  """
+  lines = abc.unreduce(text).splitlines(keepends=True)
+  lines = [line for line in lines if not (line.startswith("%") and not line.startswith("%%"))]
+  try:
+    return "".join(unrotate_abc(lines))
+  except Exception as error:  # abctoolkit raises anything on odd text
+    raise abc.PieceError(f"cannot de-interleave: {type(error).__name__}: {error}") from error
+
+
 def piece_id_for(relative_path: str, tune: int = 0) -> str:
   stem = os.path.splitext(relative_path)[0].replace(os.sep, "/")
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__"))
@@ -181,6 +210,16 @@ def sources_in(root: str | os.PathLike, files: Iterable[epath.Path],
         yield PieceSource(piece_id_for(rel, 1), str(path), 1, meta)
     else:
       yield PieceSource(piece_id_for(rel), str(path), 0, meta)
+
+
+def file_sources(path: str | os.PathLike) -> list[PieceSource]:
+  """The pieces of one score file: one per tune of an ABC file, else one."""
+  file = storage.path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"{path}: no such file")
+  if file.suffix.lower() not in SUPPORTED_SUFFIXES:
+    raise ValueError(f"{path}: not a score file (one of {', '.join(SUPPORTED_SUFFIXES)})")
+  return list(sources_in(file.parent, [file]))
 
 
 def folder_sources(folder: str | os.PathLike, index: str | None = None) -> Iterator[PieceSource]:
