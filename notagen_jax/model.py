@@ -309,8 +309,8 @@ class Block(nnx.Module):
     w = lambda p: p[...].astype(dt)
     y = checkpoint_name(y, "attn_out")
     y = jnp.einsum("btnd,ndh->bth", y, w(self.attn_out)) + w(self.attn_out_bias)
-    x = checkpoint_name(fusion.materialized_grad(x + self.drop(y, deterministic=deterministic, rngs=rngs)),
-                        "residual")
+    x = x + self.drop(y, deterministic=deterministic, rngs=rngs)
+    x = checkpoint_name(fusion.materialized_grad(x), "residual")
     y = checkpoint_name(self.ln_2(x) @ w(self.fc) + w(self.fc_bias), "mlp_hidden")
     y = jax.nn.gelu(y, approximate=True)
     y = y @ w(self.proj) + w(self.proj_bias)

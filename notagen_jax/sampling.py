@@ -116,7 +116,7 @@ class DecodeState:
 
 
 def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
-                cache_type: type[model_lib.KVCache] = model_lib.KVCache) -> DecodeState:
+                cache_type: type[model_lib.KVCache]) -> DecodeState:
   p = cfg.patch_size
   return DecodeState(
       cache=[cache_type.empty(cfg, batch, capacity) for _ in range(cfg.patch_layers)],
