@@ -9,14 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = pathlib.Path(os.environ.get("NOTAGEN_GOLDEN", REPO.parent / "shared" / "golden"))
+GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
-  if not GOLDEN.is_dir():
-    pytest.skip(f"golden data not found at {GOLDEN} (set NOTAGEN_GOLDEN)")
+  """The original NotaGen's outputs that the parity tests compare against (golden/README.md)."""
   return GOLDEN
 
 
