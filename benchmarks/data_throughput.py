@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
-
-from notagen_jax.data import corpus  # pylint: disable=wrong-import-position
-from notagen_jax.data import pipeline  # pylint: disable=wrong-import-position
-from notagen_jax.data import preparation  # pylint: disable=wrong-import-position
-from notagen_jax.data import shards  # pylint: disable=wrong-import-position
+from notagen_jax.data import corpus
+from notagen_jax.data import pipeline
+from notagen_jax.data import preparation
+from notagen_jax.data import shards
 
 
 def measure_prepare(n_pieces: int, out: pathlib.Path) -> tuple[float, dict]:

@@ -282,20 +282,20 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (best counts)")
   parser.add_argument("--torch-threads", default="2,1",
                       help="comma list of torch thread counts for the baseline; the fastest counts")
-  parser.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden"))
+  parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
   threads = [int(t) for t in args.torch_threads.split(",")]
   _setup_threads(max(threads))
 
-  sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_reference  # pylint: disable=import-outside-toplevel
   from notagen_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from notagen_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from notagen_jax import sampling  # pylint: disable=import-outside-toplevel
   from notagen_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
+  import reference  # pylint: disable=import-outside-toplevel
+  torch_reference = reference.torch_reference()
 
   compiled = compile_seconds()
   dtypes = args.dtype.split(",")

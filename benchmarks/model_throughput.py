@@ -119,18 +119,18 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--patches", type=int, default=253)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden"))
+  parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
   _setup_threads(args.threads)
 
   import dataclasses  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-  import torch_reference  # pylint: disable=import-outside-toplevel
   from notagen_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from notagen_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from notagen_jax import torch_port  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  import reference  # pylint: disable=import-outside-toplevel
+  torch_reference = reference.torch_reference()
 
   torch.set_num_threads(args.threads)
   measure_peak = peak_meter()

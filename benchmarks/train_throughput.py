@@ -305,19 +305,19 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--skip", default="",
                       help="comma list of parts to skip: tiny, small, dpo, dpo-reference, torch")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden"))
+  parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
   skip = set(filter(None, args.skip.split(",")))
   _setup_threads(args.threads)
 
-  sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_reference  # pylint: disable=import-outside-toplevel
   from notagen_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from notagen_jax import torch_port  # pylint: disable=import-outside-toplevel
   from notagen_jax import trainer  # pylint: disable=import-outside-toplevel
+  import reference  # pylint: disable=import-outside-toplevel
+  torch_reference = reference.torch_reference()
 
   torch.set_num_threads(args.threads)
   texts = _texts(pathlib.Path(args.golden))
