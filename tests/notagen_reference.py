@@ -106,3 +106,29 @@ def to_ids(patches):
 
 def encode_train(text, patch_length, rng: random.Random | None = None, dpo=False):
   return to_ids(encode_train_patches(text, patch_length, rng, dpo)[0])
+
+
+def encode_generate(text, patch_length):
+  """The original's generation encoder (a prompt to continue): no markers added, the last bar
+  left open (no eos, its last patch not padded when short)."""
+  lines = list(filter(None, text.split("\n")))
+  body_index = None
+  for i, line in enumerate(lines):
+    if line.startswith("[V:") or line.startswith("[r:"):
+      body_index = i
+      break
+  metadata_lines = [line + "\n" for line in lines[:body_index]]
+  body = lines[body_index:]
+  body_lines = [line + "\n" for line in body[:-1]]
+  body_lines.append(body[-1] + "\n" if text.endswith("\n") else body[-1])
+  bars = split_bars(body_lines)
+  patches = [BOS_PATCH] + [p for line in metadata_lines for p in split_patches(line)]
+  patches += [p for bar in bars[:-1] for p in split_patches(bar)]
+  patches += split_patches(bars[-1], generate_last=True)
+  ids = []
+  for patch in patches[:patch_length]:
+    codes = [ord(c) for c in patch]
+    if len(patch) == PATCH_SIZE or patch[-1] == chr(EOS):
+      codes += [PAD] * (PATCH_SIZE - len(patch))
+    ids.append(codes)
+  return ids

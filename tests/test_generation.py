@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import notagen_reference as reference
 from notagen_jax import checkpoint
 from notagen_jax import generation
 from notagen_jax import sampling
@@ -38,8 +39,9 @@ def test_a_real_piece_is_written_in_every_format(cases, tmp_path):
 
 def test_a_broken_piece_keeps_its_abc_and_names_the_failure(tmp_path):
   written = generation.write_piece(_result("%Baroque\nnot music at all\n"), tmp_path, "bad")
-  assert (tmp_path / "bad.abc").exists()
-  assert "unreduced" in written.errors and "xml" not in written.files
+  assert (tmp_path / "bad.abc").read_text() == "%Baroque\nnot music at all\n"
+  assert set(written.files) == {"abc"}
+  assert written.errors == {"unreduced": "no tune body (no line contains [V:)"}
 
 
 def test_prompts_are_checked_against_known_combinations():
@@ -52,17 +54,24 @@ def test_prompts_are_checked_against_known_combinations():
     generation.prompt_text("Baroque", "", "Choral")
 
 
-def test_continuation_prompt_from_musicxml_is_the_training_form(tmp_path):
+def test_continuation_prompt_from_musicxml_is_the_training_form(golden_dir):
   source = next(s for s in corpus.music21_sources() if s.path.endswith("bwv1.6.mxl"))
   path = corpus.music21_corpus_root() / source.path
   prompt = generation.continuation_prompt(path, head="%Baroque\n", bars=3, extra_lines=5)
-  lines = tokenizer.text_lines(prompt)
-  body = [line for line in lines if line.startswith("[r:")]
-  assert lines[0] == "%Baroque\n"
-  assert [line[:7] for line in body] == ["[r:0/7]", "[r:1/6]", "[r:2/5]"]
+  # The original's training text of this chorale in its own key (F), its first three body lines
+  # marked as three of eight.
+  case = json.loads((golden_dir / "prepare_cases.json").read_text())["cases"][0]
+  assert case["source"].endswith("bach/bwv1.6.mxl") and case["original_key"] == "F"
+  lines = case["augmented_rest_reduced"]["F"].splitlines(keepends=True)
+  split = next(i for i, line in enumerate(lines) if "[V:" in line)
+  assert prompt == "%Baroque\n" + "".join(lines[:split]) + "".join(
+      f"[r:{i}/{7 - i}]{line}" for i, line in enumerate(lines[split:split + 3]))
   ids, prefix, in_body = sampling.split_prompt(tokenizer.Patchilizer(), prompt)
   # As the original's encode_generate: the last bar's patch stays open for the model to go on.
-  assert in_body and len(ids) > 3 and 0 < len(prefix) < 16 and prefix[-1] == ord("\n")
+  expected = reference.encode_generate(prompt, 2048)
+  assert in_body and len(expected[-1]) < 16
+  assert ids.tolist() == expected[:-1] and prefix.tolist() == expected[-1]
+  assert prefix[-1] == ord("\n")
 
 
 def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):

@@ -136,6 +136,32 @@ def test_long_piece_every_cut_is_one_the_original_could_make(cases):
   assert seen == set(range(n_allowed))
 
 
+@settings(max_examples=150, deadline=None)
+@given(piece=_pieces(), patch_length=st.integers(4, 80), open_chars=st.integers(0, 40))
+def test_generate_encoding_matches_reference(piece, patch_length, open_chars):
+  # A prompt as the sampler continues it: whole lines, or the last one cut short (still open).
+  prompt = piece.rstrip("\n")
+  prompt = prompt[:len(prompt) - open_chars] if open_chars else piece
+  if not any(line.startswith("[V:") for line in prompt.split("\n")):
+    return  # the cut reached the metadata: not a prompt the sampler makes
+  patchilizer = Patchilizer(patch_length=patch_length)
+  try:
+    expected = reference.encode_generate(prompt, patch_length)
+  except IndexError:  # no bar the original can split: it crashes, ours says why
+    with pytest.raises(ValueError, match="no bar the original could split"):
+      patchilizer.encode_generate(prompt)
+    return
+  assert patchilizer.encode_generate(prompt) == expected
+
+
+def test_generate_encoding_of_a_prompt_with_no_bar_to_split():
+  prompt = "L:1/8\nK:C\n[V:1]abc|"  # one item to pair with a barline that is not there
+  with pytest.raises(IndexError):
+    reference.encode_generate(prompt, 64)
+  with pytest.raises(ValueError, match="no bar the original could split"):
+    Patchilizer().encode_generate(prompt)
+
+
 def test_generate_encoding_leaves_last_bar_open():
   patchilizer = Patchilizer(patch_length=256)
   prompt = "%Baroque\n%Bach, Johann Sebastian\n%Keyboard\nL:1/8\nK:C\n[V:1]abcdefgabcdefgab|[V:1]cd"
