@@ -96,9 +96,9 @@ def test_exported_jax_model_loads_strict_into_reference(golden_dir, tmp_path):
   with torch.no_grad():
     expected = reference(torch.from_numpy(patches).long(), torch.from_numpy(mask).long())
   out = nnx.jit(model_lib.forward)(model, patches, mask)
-  np.testing.assert_allclose(out.loss, expected["loss"].item(), rtol=1e-5)
-  np.testing.assert_allclose(out.sum_logprob[0], expected["sum_logprob"].item(), rtol=1e-5)
-  assert abs(float(out.loss) - case["loss"]) > 0.1
+  np.testing.assert_allclose(out.loss, expected["loss"].item(), rtol=2e-6)
+  np.testing.assert_allclose(out.sum_logprob[0], expected["sum_logprob"].item(), rtol=2e-6)
+  assert abs(float(out.loss) - case["loss"]) > 0.1  # the changed weights, not the file's
 
 
 def test_size_inferred_from_shapes(golden_dir):
@@ -154,8 +154,9 @@ def test_loglik_entry_point(golden_dir, tmp_path, capsys):
   for line, case in zip(lines, cases[1:]):
     assert line["n_patches"] == case["n_patches"]
     assert line["n_chars"] == case["n_target_chars"]
-    np.testing.assert_allclose(line["mean_nll"], case["loss"], rtol=1e-4)
-    np.testing.assert_allclose(line["sum_logprob"], case["sum_char_logprob"], rtol=1e-4)
+    # Float32 rounding only, as in tests/test_model.py.
+    np.testing.assert_allclose(line["mean_nll"], case["loss"], rtol=2e-6)
+    np.testing.assert_allclose(line["sum_logprob"], case["sum_char_logprob"], rtol=2e-6)
 
 
 # A run whose optimizer state has everything make_optimizer can put there: clipping (binding),
