@@ -7,6 +7,7 @@ import zipfile
 
 import pytest
 
+import notagen_reference as reference
 from notagen_jax.data import abc
 from notagen_jax.data import corpus
 from notagen_jax.data import pipeline
@@ -54,7 +55,7 @@ def score_folder(tmp_path_factory):
   return folder
 
 
-def test_folder_preparation_records_failures_and_keeps_going(score_folder, tmp_path):
+def test_folder_preparation_records_failures_and_keeps_going(score_folder, tmp_path, golden_dir):
   sources = list(corpus.folder_sources(score_folder, str(score_folder / "index.csv")))
   report = preparation.prepare_corpus(sources, tmp_path, preparation.PrepareOptions(workers=1))
   failed = {f["piece_id"]: f["reason"] for f in report["failures"]}
@@ -68,15 +69,23 @@ def test_folder_preparation_records_failures_and_keeps_going(score_folder, tmp_p
   assert good["prompt"] == "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
   assert good["original_key"] == "F" and list(good["augmented"]) == list(abc.KEYS)
   assert (tmp_path / "interleaved" / "good.abc").read_text() == good["interleaved"]
+  # The original's preparation of the same chorale (from its .mxl).
+  original = json.loads((golden_dir / "prepare_cases.json").read_text())["cases"][0]
+  assert original["source"].endswith("bach/bwv1.6.mxl")
+  assert good["interleaved"] == original["interleaved"]
+  assert good["augmented"] == original["augmented_rest_reduced"]
 
   # Single-voice folk tunes are kept, as one voice.
   reel = json.loads(preparation.piece_path(tmp_path, "tunes__1").read_text())
   assert reel["prompt"] == "" and reel["instrumentation"] == "Melody"
   voices = set(re.findall(r"\[V:(\d+)\]", reel["interleaved"]))
   assert voices == {"1"}
-  patchilizer = tokenizer.Patchilizer(patch_length=256)
+  # Tokenizes cleanly: every line survives the bar split (bos, the lines, eos).
+  patchilizer = tokenizer.Patchilizer(patch_length=10**6)
   for text in reel["augmented"].values():
-    assert patchilizer.decode(patchilizer.encode_train(text))  # tokenizes cleanly
+    metadata, body = reference.training_lines(text)
+    assert patchilizer.decode(patchilizer.encode_train(text)) == (
+        chr(1) * 15 + "".join(metadata + body) + chr(1))
 
 
 def test_rerun_skips_done_pieces(score_folder, tmp_path):
@@ -134,15 +143,12 @@ def test_prepare_entry_point_builds_shards_that_load(score_folder, tmp_path):
                                     key_sampling="original", stream_cut=False, shuffle=False,
                                     num_threads=0)
   batch = next(iterator)
-  patchilizer = tokenizer.Patchilizer(patch_length=512)
-  by_id = {json.loads(p.read_text())["piece_id"]: json.loads(p.read_text())
-           for p in (out / "pieces").rglob("*.json")}
-  texts = sorted(patchilizer.decode(ids[mask == 1]) for ids, mask in zip(batch["patches"],
-                                                                          batch["masks"]))
-  expected = sorted(patchilizer.decode(patchilizer.encode_train(
-      piece["prompt"] + piece["augmented"][abc.major_key(piece["original_key"])]))
-      for piece in by_id.values())
-  assert texts == expected
+  pieces = [json.loads(p.read_text()) for p in (out / "pieces").rglob("*.json")]
+  rows = sorted(ids[mask == 1].tolist() for ids, mask in zip(batch["patches"], batch["masks"]))
+  expected = sorted(reference.encode_train(
+      piece["prompt"] + piece["augmented"][abc.major_key(piece["original_key"])], 512)
+      for piece in pieces)
+  assert len(pieces) == 3 and rows == expected
 
 
 def test_same_piece_in_two_formats_is_prepared_once():
