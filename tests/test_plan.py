@@ -26,11 +26,25 @@ def _config(size, batch_size=64, mesh=None, **model):
   return c
 
 
+def _gpt2_params(hidden, n_layers):
+  """Per layer: two LayerNorms (2 x 2H), c_attn (H x 3H + 3H), c_proj (H x H + H), c_fc
+  (H x 4H + 4H), mlp c_proj (4H x H + H): 12 H^2 + 13 H; then ln_f (2H)."""
+  return n_layers * (12 * hidden**2 + 13 * hidden) + 2 * hidden
+
+
 @pytest.mark.parametrize("size", ["small", "medium", "large"])
 def test_parameter_counts_match_the_paper(size):
   p = planning.plan(_config(size), devices="v5p-64")
   print(f"{size}: {p.n_params:,} parameters")
-  assert p.n_params == pytest.approx(PAPER_PARAMS[size], rel=0.02)
+  cfg = trainer.model_config(p.config)
+  h = cfg.hidden
+  # The original's state dict (spec section 4), the tied head once and the patch level's unused
+  # [1, H] wte not at all: the patch embedding (16 x 128 -> H, with bias) and positions, the
+  # char embedding (128 x H) and positions (17 x H), and the two stacks.
+  expected = (2048 * h + h + cfg.patch_length * h + _gpt2_params(h, cfg.patch_layers)
+              + 128 * h + 17 * h + _gpt2_params(h, cfg.char_layers))
+  assert p.n_params == expected
+  assert round(p.n_params / 1e6) == PAPER_PARAMS[size] / 1e6  # the paper's figure, in millions
   # Params and AdamW state are sharded by the rules: 32 devices hold 1/32 each, except the
   # q/k/v and fc biases (logical axes 'heads' / 'mlp' map to 'tensor' only, of size 1 here),
   # which every device holds whole.
