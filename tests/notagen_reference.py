@@ -1,6 +1,6 @@
 """The original NotaGen patchilizer (training encoder), transcribed for use as a test reference.
 
-Written from ../shared/spec/NOTAGEN_REFERENCE.md section 2 in the original's own shape (its
+Written from the specification of the original's patchilizer (section 2 of the NotaGen reference) in the original's own shape (its
 `split_bars` with the exception that drops the failing line and all later ones, its
 `split_patches`, its stream cut with `bisect`), and with nothing imported from notagen_jax: the code
 under test must not check itself.
