@@ -1,9 +1,8 @@
 """The original NotaGen patchilizer (training encoder), transcribed for use as a test reference.
 
-Written from the specification of the original's patchilizer (section 2 of the NotaGen reference) in the original's own shape (its
-`split_bars` with the exception that drops the failing line and all later ones, its
-`split_patches`, its stream cut with `bisect`), and with nothing imported from notagen_jax: the code
-under test must not check itself.
+Written from the original's patchilizer in its own shape (its `split_bars` with the exception that
+drops the failing line and all later ones, its `split_patches`, its stream cut with `bisect`), with
+nothing imported from notagen_jax: the code under test must not check itself.
 """
 
 from __future__ import annotations
