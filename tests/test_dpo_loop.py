@@ -108,8 +108,9 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
   assert pairs["chosen"] and pairs["rejected"]
   assert all(text.startswith("%Baroque\n") for text in pairs["chosen"] + pairs["rejected"])
   assert (it0 / "train" / "final_params").exists()
-  assert (tmp_path / "score.png").stat().st_size > 0
-  assert "mean_score" in (tmp_path / "summary.txt").read_text()
+  assert (tmp_path / "score.png").read_bytes().startswith(b"\x89PNG")
+  assert json.loads((tmp_path / "summary.json").read_text()) == rows
+  assert (tmp_path / "summary.txt").read_text() == dpo_loop.table(rows) + "\n"
   assert len(fake_sampler) == 2
 
   def no_training(*args, **kwargs):
