@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 from notagen_jax.inference import cpu_kernels  # noqa: E402
 from notagen_jax.inference import weights as weights_lib  # noqa: E402
 
+import machine  # noqa: E402  (benchmarks/machine.py)
+
 HIDDEN = 768
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--layers", type=int, default=15)
   parser.add_argument("--repeats", type=int, default=30)
   args = parser.parse_args(argv)
+  machine.print_header()
   if not cpu_kernels.available():
     sys.exit(f"kernel unavailable: {cpu_kernels._load()}")  # pylint: disable=protected-access
   rng = np.random.default_rng(0)

@@ -25,6 +25,8 @@ from notagen_jax.data import pipeline
 from notagen_jax.data import preparation
 from notagen_jax.data import shards
 
+import machine  # benchmarks/machine.py
+
 
 def measure_prepare(n_pieces: int, out: pathlib.Path) -> tuple[float, dict]:
   sources = list(corpus.music21_sources())
@@ -67,6 +69,7 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=60)
   parser.add_argument("--no-model", dest="model", action="store_false")
   args = parser.parse_args()
+  machine.print_header()
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     pieces_per_s, report = measure_prepare(args.pieces, tmp / "prepared")

@@ -49,6 +49,8 @@ import pathlib
 import sys
 import time
 
+import machine  # benchmarks/machine.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT_PROMPT = "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
 NEW_PATCHES = 64
@@ -284,6 +286,7 @@ def main(argv: list[str]) -> None:
                       help="comma list of torch thread counts for the baseline; the fastest counts")
   parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
+  machine.print_header()
   threads = [int(t) for t in args.torch_threads.split(",")]
   _setup_threads(max(threads))
 

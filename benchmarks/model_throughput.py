@@ -20,6 +20,8 @@ import pathlib
 import sys
 import time
 
+import machine  # benchmarks/machine.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -121,6 +123,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
+  machine.print_header()
   _setup_threads(args.threads)
 
   import dataclasses  # pylint: disable=import-outside-toplevel

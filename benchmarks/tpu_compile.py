@@ -20,6 +20,8 @@ import jax
 
 from notagen_jax import planning
 
+import machine  # benchmarks/machine.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _RUNS = flags.DEFINE_list("runs", ["pretrain.py:small", "pretrain.py:medium", "pretrain.py:large",
@@ -61,6 +63,7 @@ def row(spec: str, slice_name: str, remat: bool, scan: bool) -> str:
 
 def main(argv):
   del argv
+  machine.print_header()
   jax.config.update("jax_platforms", "cpu")
   print("| config | slice | remat | layers | mesh (data x fsdp x tensor) | compile s | XLA peak "
         "GiB/device | estimate GiB | of HBM | XLA TFLOP/device/step | estimate |")

@@ -49,6 +49,8 @@ import sys
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZES_ORDER = ("tiny", "small")
 
@@ -307,6 +309,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
   args = parser.parse_args(argv)
+  machine.print_header()
   skip = set(filter(None, args.skip.split(",")))
   _setup_threads(args.threads)
 
