@@ -140,7 +140,8 @@ def test_short_last_batch_is_padded(built):
   # original's stream cut can make of it; the second row is empty.
   (piece,) = [p for p in pieces if p["split"] == "eval"]
   text = piece["prompt"] + piece["augmented"]["C"]
-  crops = {json.dumps(reference.encode_train(text, 32, random.Random(seed))) for seed in range(1000)}
+  crops = {json.dumps(reference.encode_train(text, 32, random.Random(seed)))
+           for seed in range(1000)}
   row = batches[0]["patches"][0, :masks[0].sum()].tolist()
   assert json.dumps(row) in crops
   assert masks[0].tolist() == [1] * len(row) + [0] * (32 - len(row))
