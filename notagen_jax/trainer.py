@@ -77,8 +77,12 @@ def model_config(c: ml_collections.ConfigDict) -> model_lib.ModelConfig:
 
 
 def forward_flops(cfg: model_lib.ModelConfig, n_patches: int) -> float:
-  """Matmul FLOPs of one forward pass over a row of n_patches (the char decoder on n_patches-1)."""
-  h, p = cfg.hidden, cfg.patch_size + 1
+  """Matmul FLOPs of one forward pass over a row of n_patches (the char decoder on n_patches-1).
+
+  The char decoder runs patch_size positions per patch: the original's 17th only predicts past the
+  patch, and the model does not compute it.
+  """
+  h, p = cfg.hidden, cfg.patch_size
   block = lambda tokens, context: 2 * tokens * 12 * h * h + 4 * tokens * context * h
   patch_level = 2 * n_patches * cfg.patch_size * cfg.vocab * h + cfg.patch_layers * block(
       n_patches, n_patches)

@@ -407,8 +407,6 @@ def _hand_count(cfg, n_patches):
   return patch_level + char_level
 
 
-@pytest.mark.xfail(strict=True, reason="forward_flops counts 17 char positions per pair; the "
-                   "model computes 16 (4-5% more FLOPs than run, so MFU and tflops read high)")
 @pytest.mark.parametrize("size,n_patches", [("tiny", 64), ("small", 2048), ("large", 1024)])
 def test_forward_flops_are_the_matmuls_the_forward_runs(size, n_patches):
   cfg = trainer.model_config(config_lib.base_config("pretrain", size))
