@@ -395,6 +395,7 @@ def test_stacked_layers_have_a_replicated_layers_axis():
   assert shardings["fc"].get_value().spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_scan_layers_sharded_train_step():
   """The trainer's jitted step on a (2, 2, 2) mesh of 8 CPU devices, dropout on: scanned layers
   give the unrolled run's loss, gradient norm and updated params."""

@@ -214,6 +214,7 @@ def test_pieces_do_not_depend_on_batch_size(sharp_model):
   assert [r.text for r in one] == [r.text for r in four]
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_full_context_keeps_metadata_and_the_last_half_of_the_body(sharp_model, cases):
   text = cases[0]["stream_text"]
   lines = tokenizer.text_lines(text)

@@ -44,6 +44,7 @@ def finished(corpus_shards, tmp_path_factory):
   return sweep, scaling.run_sweep(sweep)
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_each_run_trains_to_its_budget_and_lands_in_the_csv(finished):
   sweep, result = finished
   rows = scaling.read_rows(result.csv_path)
@@ -74,6 +75,7 @@ def test_each_run_trains_to_its_budget_and_lands_in_the_csv(finished):
   assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_a_rerun_trains_only_what_the_csv_lacks(finished, monkeypatch):
   sweep, result = finished
 

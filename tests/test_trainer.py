@@ -123,6 +123,7 @@ def _dpo_cmd(workdir, init, pairs, steps):
           "--config.train.log_every=2", "--config.data.num_threads=0"]
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_default_dpo_run_checkpoints_without_eval_data_and_exports(preference_file, tmp_path,
                                                                    golden_dir):
   run = tmp_path / "dpo"
@@ -230,6 +231,7 @@ def _env(**extra):
   return env
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_resume_after_sigkill_equals_uninterrupted(corpus_shards, tmp_path):
   steps = 60
   straight = tmp_path / "straight"
@@ -256,6 +258,7 @@ def test_resume_after_sigkill_equals_uninterrupted(corpus_shards, tmp_path):
     assert resumed[step]["loss"] == expected[step]["loss"], step
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_sigterm_saves_and_exits_cleanly(corpus_shards, tmp_path):
   process = subprocess.Popen(_train_cmd(tmp_path, corpus_shards, 100_000), cwd=REPO, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -352,7 +355,7 @@ def test_dpo_policy_dropout_needs_reference_dropout(tmp_path):
   config_lib.validate(c)
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("policy", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
 def test_non_finite_loss(policy, corpus_shards, tmp_path):
   c = tiny_config("pretrain", tmp_path, corpus_shards,
                   **{"optimizer.learning_rate": 1e30, "train.num_steps": 4,
@@ -424,6 +427,7 @@ def test_forward_flops_are_the_matmuls_the_forward_runs(size, n_patches):
   assert trainer.forward_flops(cfg, n_patches) == counted
 
 
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_fsdp_mesh_splits_activations_by_batch():
   """Weights sharded over fsdp must not pull the activations along: each device keeps its rows."""
   from notagen_jax import planning  # pylint: disable=import-outside-toplevel
