@@ -579,8 +579,8 @@ def test_local_dry_run_prints_one_command_per_process(tmp_path):
         "--config.train.num_steps=3"]
 
 
-# About 50 s of CPU time over the two processes (compile, 2 steps, eval, checkpoint, export);
-# 68-74 s of wall time on the busy 2-core test machine, hence slow.
+# About 50 s of CPU time over the two processes (compile, 2 steps, eval, checkpoint, export),
+# hence slow.
 @pytest.mark.slow
 def test_local_two_processes_train(corpus_shards, tmp_path):
   """The real trainer, two processes joined by jax.distributed, a few steps on real shards."""

@@ -217,7 +217,7 @@ def dequantized_patch_decoder(params: nnx.State) -> nnx.State:
   """params with the patch decoder's int8 matrices in bfloat16, for prompts.
 
   A prompt's products take XLA's bfloat16 dot (`inference_matmul`), which would otherwise
-  dequantize all of them at every prefill (~50 ms of a 500-patch prompt's ~0.45 s on a 2-core
+  dequantize all of them at every prefill (about a ninth of a 500-patch prompt's prefill on a
   CPU); this keeps them once, at 2 bytes per weight.
   """
   def dequantize(path, p):
