@@ -10,7 +10,8 @@ iteration lives in WORKDIR/iteration_<k>/:
 
 A step whose output exists is not redone, so an interrupted loop continues where it stopped.
 After the last training, iteration K samples and scores the final policy (no training), so the
-summary shows the score of every policy. WORKDIR/summary.json|.txt and score.png sum it up.
+summary shows the score of every policy. WORKDIR/summary.json|.txt and score.png sum it up;
+WORKDIR/report.html adds the chosen and rejected pieces of each iteration, engraved.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from etils import epath
 from notagen_jax import checkpoint
 from notagen_jax import config as config_lib
 from notagen_jax import generation
+from notagen_jax import report
 from notagen_jax import sampling
 from notagen_jax import storage
 from notagen_jax import trainer
@@ -206,6 +208,7 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     scores = score(c, texts, embedder, truth_features, out)
     rows.append(row(k, samples, scores))
     _write_summary(workdir, rows, embedder.name)
+    report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters))
     print(table(rows), flush=True)
     if k < c.iterations:
       if not scores["chosen"] or not scores["rejected"]:

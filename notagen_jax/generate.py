@@ -2,12 +2,14 @@
 
 Samples pieces from a checkpoint (ours, or a NotaGen `.pth` / `.safetensors`) with the original's
 sampling, many at once with the KV-cached sampler, and writes per piece the raw ABC, the
-un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl. The prompt is period / composer /
-instrumentation (checked against `--known_prompts`, a prepared corpus, when given), or a score to
-continue (`--continue_from=score.xml|.abc|.krn`, read as `prepare` reads it; `--tune=N` for one tune
-of an ABC file of several), or both. Every path may be local or a gs:// URL.
+un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl and DIR/index.html (every piece's score,
+prompt, settings, files and failures; scores need the render extra). The prompt is period /
+composer / instrumentation (checked against `--known_prompts`, a prepared corpus, when given), or
+a score to continue (`--continue_from=score.xml|.abc|.krn`, read as `prepare` reads it; `--tune=N`
+for one tune of an ABC file of several), or both. Every path may be local or a gs:// URL.
 """
 
+import dataclasses
 import json
 
 from absl import app
@@ -16,6 +18,7 @@ from absl import flags
 from notagen_jax import checkpoint
 from notagen_jax import cli
 from notagen_jax import generation
+from notagen_jax import report
 from notagen_jax import sampling
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir, or NotaGen .pth.",
@@ -89,7 +92,11 @@ def main(argv):
     errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())
     print(f"{item.name}: {item.chars} chars, {status}" + (f"  [{errors}]" if errors else ""))
   print(json.dumps(generation.summary(written)))
+  run = {"checkpoint": _CHECKPOINT.value, "seed": _SEED.value, "batch": _BATCH.value,
+         "weights_dtype": _WEIGHTS_DTYPE.value, **dataclasses.asdict(settings)}
+  index = report.write_index(_OUTPUT.value, written, [prompt] * _N.value, run)
   print(f"pieces: {_OUTPUT.value}")
+  print(f"report: {index}")
 
 
 if __name__ == "__main__":

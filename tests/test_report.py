@@ -1,0 +1,170 @@
+"""Rendering and the HTML reports, opened from the file system in headless Chromium.
+
+With NOTAGEN_SCREENSHOTS=docs/images the browser test saves each page's screenshot there.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import urllib.parse
+
+import ml_collections
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from notagen_jax import dpo_loop
+from notagen_jax import generation
+from notagen_jax import render
+from notagen_jax import report
+from notagen_jax import sampling
+from notagen_jax.scoring import preferences
+from notagen_jax.scoring import symbolic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROMPT = "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
+BROKEN = PROMPT + "not music at all\n"
+
+
+@pytest.fixture(scope="module")
+def texts(golden_dir):
+  """Three Bach chorales in generation form (music21's corpus through the data path)."""
+  cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
+  return [case["stream_text"] for case in cases]
+
+
+@pytest.fixture(scope="module")
+def browser():
+  options = webdriver.ChromeOptions()
+  for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                   "--window-size=1280,2400"):
+    options.add_argument(argument)
+  driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+  yield driver
+  driver.quit()
+
+
+def _write(texts, out, formats=("xml", "mid")):
+  out.mkdir(parents=True, exist_ok=True)
+  return [generation.write_piece(sampling.Result(i, PROMPT, text, True, "", 10, 0, 1.0), out,
+                                 f"piece_{i:05d}", formats) for i, text in enumerate(texts)]
+
+
+def _open(browser, page: pathlib.Path, screenshot: str):
+  browser.get(page.as_uri())
+  assert browser.find_element(By.TAG_NAME, "h1").text
+  folder = os.environ.get("NOTAGEN_SCREENSHOTS")
+  if folder:
+    (REPO / folder).mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(REPO / folder / screenshot))
+  for link in browser.find_elements(By.CSS_SELECTOR, "a[href]"):
+    href = link.get_dom_attribute("href")
+    if not href.startswith("#"):
+      target = page.parent / urllib.parse.unquote(href)
+      assert target.is_file(), href
+  return browser.find_elements(By.CSS_SELECTOR, "section.piece")
+
+
+def _notes(section):
+  return section.find_elements(By.CSS_SELECTOR, "div.page svg g.note")
+
+
+def test_a_real_piece_renders_to_pages_with_notes(texts, tmp_path):
+  written = _write(texts[:1], tmp_path)[0]
+  rendered = render.render_piece(written.files, tmp_path, written.name)
+  assert rendered.error == "" and rendered.pages
+  assert all(page.startswith("<svg") for page in rendered.pages)
+  assert (tmp_path / "piece_00000.page1.svg").read_text() == rendered.pages[0]
+  # Debian's fluidsynth and fluid-soundfont-gm are installed wherever the tests run (.ci/run).
+  assert (tmp_path / "piece_00000.ogg").read_bytes()[:4] == b"OggS"
+  # Without MusicXML the un-reduced ABC is engraved.
+  abc_only = {k: v for k, v in written.files.items() if k in ("abc", "unreduced")}
+  assert render.svg_pages(render.score_source(abc_only))
+  with pytest.raises(render.RenderError, match="Verovio could not read it"):
+    render.svg_pages("not music")
+  with pytest.raises(render.RenderError, match="no MusicXML or un-reduced ABC"):
+    render.score_source({"abc": written.files["abc"]})
+
+
+def test_html_is_escaped():
+  piece = report.Piece("a<b", [], {"ABC": "x y&.abc"}, {"k": "<i>"}, ["<script>"], "%<p>")
+  page = report.index_html("t<", {"s": "<v>"}, [piece])
+  assert "<script>" not in page and "&lt;script&gt;" in page and "<i>" not in page
+  assert 'href="x%20y%26.abc"' in page and 'id="a&lt;b"' in page
+
+
+def test_mean_and_error():
+  assert report.mean_and_error([None, float("nan")]) is None
+  assert report.mean_and_error([0.5]) == (0.5, 0.0)
+  mean, error = report.mean_and_error([0.2, 0.4, None])
+  assert mean == pytest.approx(0.3) and error == pytest.approx(0.1)
+
+
+def test_generate_writes_an_index_that_opens_in_a_browser(golden_dir, browser, tmp_path):
+  out = tmp_path / "tiny_model"  # the page's title
+  subprocess.run(
+      [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
+       f"--output={out}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
+       "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4"],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  sections = _open(browser, out / "index.html", "generate_tiny_model.png")
+  # The tiny random model writes noise: both pieces are shown, failed, with their reasons.
+  assert [s.get_attribute("id") for s in sections] == ["piece_00000", "piece_00001"]
+  for section in sections:
+    assert "failed" in section.get_attribute("class")
+    assert "no tune body" in section.find_element(By.CLASS_NAME, "reason").text
+  assert "top_k" in browser.find_element(By.TAG_NAME, "table").text
+
+
+def test_an_index_of_real_pieces_shows_every_score(texts, browser, tmp_path):
+  out = tmp_path / "bach_chorales"
+  written = _write(texts + [BROKEN], out)
+  report.write_index(out, written, [PROMPT] * len(written), {"seed": 0})
+  sections = _open(browser, out / "index.html", "index.png")
+  assert len(sections) == 4
+  for section in sections[:3]:
+    assert "failed" not in section.get_attribute("class") and _notes(section)
+    assert section.find_element(By.TAG_NAME, "audio")
+  assert not _notes(sections[3])
+  assert "un-reduced ABC: no tune body" in sections[3].find_element(By.CLASS_NAME, "reason").text
+  failures = browser.find_element(By.CSS_SELECTOR, "ul.failures").text
+  assert failures.startswith("piece_00003: un-reduced ABC: no tune body")
+
+
+def test_the_dpo_report_shows_each_iterations_pairs(texts, browser, tmp_path):
+  workdir = tmp_path / "clamp_dpo"
+  c = ml_collections.ConfigDict({"select": {"fraction": 0.5, "score_malformed": True,
+                                            "filters": ["aligned", "grouped"]},
+                                 "scorer": {"max_similarity": 0.95}})
+  embedder = symbolic.SymbolicEmbedder()
+  truth = preferences.ground_truth_features(texts, embedder)
+  rows = []
+  # Iteration 1 wrote no MusicXML: its pieces are engraved from their un-reduced ABC. The broken
+  # piece cannot be scored (the symbolic embedder reads no notes in it) and is in no pair.
+  for k, formats in enumerate([("xml",), ()]):
+    out = workdir / f"iteration_{k}"
+    pieces = texts + [BROKEN]
+    written = _write(pieces, out / "samples", formats)
+    samples = {"summary": generation.summary(written),
+               "pieces": [{"abc": w.files["abc"], "ok": w.ok, "musicxml": "xml" in w.files}
+                          for w in written]}
+    (out / "samples" / "samples.json").write_text(json.dumps(samples))
+    scores = dpo_loop.score(c, pieces, embedder, truth, out)
+    rows.append(dpo_loop.row(k, samples, scores))
+  report.write_dpo_report(workdir, rows, dpo_loop.COLUMNS, embedder.name, ("aligned", "grouped"))
+  sections = _open(browser, workdir / "report.html", "clamp_dpo_report.png")
+  assert len(browser.find_elements(By.CSS_SELECTOR, "svg.plot line.error")) == 2
+  table = browser.find_element(By.TAG_NAME, "table").text.splitlines()
+  assert table[0].split() == list(dpo_loop.COLUMNS) and len(table) == 3
+  chosen = browser.find_elements(By.CSS_SELECTOR, "div.chosen section.piece")
+  rejected = browser.find_elements(By.CSS_SELECTOR, "div.rejected section.piece")
+  assert len(chosen) == len(rejected) == 2 and len(sections) == 4
+  for section in sections:
+    assert _notes(section) and "failed" not in section.get_attribute("class")
+    assert "aligned: passed · grouped: passed · original: not applied" in section.text
+  assert [s.get_attribute("id") for s in chosen + rejected] == [
+      "iteration_0/piece_00001", "iteration_1/piece_00001", "iteration_0/piece_00002",
+      "iteration_1/piece_00002"]
