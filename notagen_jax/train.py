@@ -4,6 +4,8 @@ Override any field with `--config.section.field=value`. Multi-process runs (TPU 
 explicit `--config.distributed.*`) call jax.distributed.initialize first.
 """
 
+import os
+
 import jax
 from absl import flags
 from absl import logging
@@ -31,7 +33,6 @@ def initialize_distributed(c) -> None:
 
 
 def _launched_by_cluster() -> bool:
-  import os  # pylint: disable=import-outside-toplevel
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and (
       len(os.environ["TPU_WORKER_HOSTNAMES"].split(",")) > 1)
 
