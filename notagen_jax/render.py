@@ -9,6 +9,7 @@ and Debian's `fluidsynth` and `fluid-soundfont-gm` packages.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 from typing import Mapping
@@ -48,7 +49,10 @@ def _verovio():
 
 def svg_pages(data: str) -> list[str]:
   """The pages of a MusicXML or ABC text as SVG (Verovio tells the two apart itself)."""
-  toolkit = _verovio().toolkit()
+  verovio = _verovio()
+  toolkit = verovio.toolkit(False)
+  # Verovio's default font path is set for the importing thread only; the demo renders in others.
+  toolkit.setResourcePath(os.path.join(os.path.dirname(verovio.__file__), "data"))
   toolkit.setOptions(OPTIONS)
   if not data.strip() or not toolkit.loadData(data) or toolkit.getPageCount() == 0:
     raise RenderError("Verovio could not read it")
