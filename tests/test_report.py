@@ -53,13 +53,17 @@ def _write(texts, out, formats=("xml", "mid")):
                                  f"piece_{i:05d}", formats) for i, text in enumerate(texts)]
 
 
-def _open(browser, page: pathlib.Path, screenshot: str):
-  browser.get(page.as_uri())
-  assert browser.find_element(By.TAG_NAME, "h1").text
+def _screenshot(browser, name: str):
   folder = os.environ.get("NOTAGEN_SCREENSHOTS")
   if folder:
     (REPO / folder).mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(REPO / folder / screenshot))
+    browser.save_screenshot(str(REPO / folder / name))
+
+
+def _open(browser, page: pathlib.Path, screenshot: str):
+  browser.get(page.as_uri())
+  assert browser.find_element(By.TAG_NAME, "h1").text
+  _screenshot(browser, screenshot)
   for link in browser.find_elements(By.CSS_SELECTOR, "a[href]"):
     href = link.get_dom_attribute("href")
     if not href.startswith("#"):

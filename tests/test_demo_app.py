@@ -1,0 +1,102 @@
+"""The demo page in headless Chromium: pick a prompt, generate, find the score and the files.
+
+With NOTAGEN_SCREENSHOTS=docs/images the first test saves the page's screenshot there.
+"""
+
+import json
+import threading
+import urllib.request
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import WebDriverWait
+
+from notagen_jax import checkpoint
+from notagen_jax import demo_app
+from notagen_jax import sampling
+from notagen_jax.data import corpus
+from test_report import _notes, _screenshot, browser  # noqa: F401  pylint: disable=unused-import
+
+BACH = ("Baroque", "Bach, Johann Sebastian", "Choral")
+KNOWN = {BACH, ("Baroque", "Bach, Johann Sebastian", "Keyboard"), ("Classical", "Mozart", "Keyboard")}
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+  return checkpoint.load_model(golden_dir / "tiny.pth")
+
+
+@pytest.fixture
+def url(tiny, tmp_path):
+  demo = demo_app.Demo(tiny, tmp_path, KNOWN)
+  server = demo_app.server(demo, port=0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield f"http://127.0.0.1:{server.server_port}/"
+  server.shutdown()
+
+
+def test_choices_offer_only_known_combinations():
+  assert demo_app.choices(KNOWN) == {
+      "Baroque": {"Bach, Johann Sebastian": ["Choral", "Keyboard"]},
+      "Classical": {"Mozart": ["Keyboard"]}}
+
+
+def _generate(browser, url, prompt, **fields):
+  browser.get(url)
+  menus = [Select(browser.find_element(By.ID, f)) for f in ("period", "composer", "instrumentation")]
+  # The menus are linked: Classical offers Mozart alone.
+  menus[0].select_by_visible_text("Classical")
+  assert [o.text for o in menus[1].options] == ["Mozart"]
+  for menu, choice in zip(menus, prompt):
+    menu.select_by_visible_text(choice)
+  for name, value in fields.items():
+    field = browser.find_element(By.ID, name)
+    if field.get_attribute("type") != "file":
+      field.clear()
+    field.send_keys(str(value))
+  browser.find_element(By.ID, "generate").click()
+  WebDriverWait(browser, 300).until(
+      lambda b: b.find_elements(By.CSS_SELECTOR, "#piece section.piece")
+      or "failed:" in b.find_element(By.ID, "log").text)
+  return browser.find_element(By.CSS_SELECTOR, "#piece section.piece")
+
+
+def _links_work(section, url):
+  links = section.find_elements(By.CSS_SELECTOR, "a[href]")
+  assert links
+  for link in links:
+    with urllib.request.urlopen(link.get_attribute("href")) as response:
+      assert response.status == 200 and response.read()
+  return [link.text for link in links]
+
+
+def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, golden_dir,
+                                                              monkeypatch):
+  # A real chorale stands in for what the tiny random model would write (noise, not engraved).
+  text = json.loads((golden_dir / "cases.json").read_text())["cases"][0]["stream_text"]
+
+  def run(self, prompts, seed=0, on_result=None):
+    del self
+    results = [sampling.Result(0, prompts[0], text, True, "", 10, 0, 0.1)]
+    on_result(results[0])
+    return results
+
+  monkeypatch.setattr(sampling.Sampler, "run", run)
+  section = _generate(browser, url, BACH, seed=3)
+  _screenshot(browser, "demo.png")
+  assert _notes(section) and section.find_element(By.TAG_NAME, "audio")
+  assert {"ABC", "MusicXML", "MIDI", "audio (Ogg)"} <= set(_links_work(section, url))
+  log = browser.find_element(By.ID, "log").text
+  assert "generating Baroque / Bach, Johann Sebastian / Choral: top-k 9" in log
+  assert "engraved: 2 pages" in log
+
+
+def test_the_tiny_model_continues_an_uploaded_score(browser, url):
+  score = corpus.music21_corpus_root() / "bach" / "bwv1.6.mxl"
+  section = _generate(browser, url, BACH, upload=score, bars=2, max_patches=2)
+  log = browser.find_element(By.ID, "log").text
+  assert "continuing bwv1.6.mxl" in log and "written: " in log
+  assert "ABC (as generated)" in _links_work(section, url)
+  # Its two patches of noise may or may not convert: either way the page says what became of it.
+  assert _notes(section) or section.find_element(By.CLASS_NAME, "reason").text
