@@ -41,8 +41,7 @@ def _verovio():
   try:
     import verovio  # pylint: disable=import-outside-toplevel
   except ImportError as error:
-    raise RenderError("not engraved: verovio is not installed (pip install "
-                      "'notagen-jax[render]')") from error
+    raise RenderError("verovio is not installed (pip install 'notagen-jax[render]')") from error
   verovio.enableLog(verovio.LOG_OFF)  # it prints every odd element it skips
   return verovio
 

@@ -19,7 +19,8 @@ from notagen_jax.data import corpus
 from test_report import _notes, _screenshot, browser  # noqa: F401  pylint: disable=unused-import
 
 BACH = ("Baroque", "Bach, Johann Sebastian", "Choral")
-KNOWN = {BACH, ("Baroque", "Bach, Johann Sebastian", "Keyboard"), ("Classical", "Mozart", "Keyboard")}
+KNOWN = {BACH, ("Baroque", "Bach, Johann Sebastian", "Keyboard"),
+         ("Classical", "Mozart", "Keyboard")}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_choices_offer_only_known_combinations():
 
 def _generate(browser, url, prompt, **fields):
   browser.get(url)
-  menus = [Select(browser.find_element(By.ID, f)) for f in ("period", "composer", "instrumentation")]
+  menus = [Select(browser.find_element(By.ID, field))
+           for field in ("period", "composer", "instrumentation")]
   # The menus are linked: Classical offers Mozart alone.
   menus[0].select_by_visible_text("Classical")
   assert [o.text for o in menus[1].options] == ["Mozart"]

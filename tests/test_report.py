@@ -93,6 +93,14 @@ def test_a_real_piece_renders_to_pages_with_notes(texts, tmp_path):
     render.score_source({"abc": written.files["abc"]})
 
 
+def test_without_verovio_a_piece_says_which_extra_to_install(texts, tmp_path, monkeypatch):
+  written = _write(texts[:1], tmp_path)[0]
+  monkeypatch.setitem(sys.modules, "verovio", None)  # as if not installed
+  rendered = render.render_piece(written.files, tmp_path, written.name, audio=False)
+  assert (rendered.pages, rendered.files) == ([], {})
+  assert rendered.error == "verovio is not installed (pip install 'notagen-jax[render]')"
+
+
 def test_html_is_escaped():
   piece = report.Piece("a<b", [], {"ABC": "x y&.abc"}, {"k": "<i>"}, ["<script>"], "%<p>")
   page = report.index_html("t<", {"s": "<v>"}, [piece])
