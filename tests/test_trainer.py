@@ -189,7 +189,7 @@ def _loss_and_grads(c, devices, batch):
   return as_numpy(setup.state.params), float(loss), as_numpy(grads)
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "dpo"])
+@pytest.mark.parametrize("mode", ["pretrain", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device(mode, corpus_shards, preference_file, tmp_path,
                                            golden_dir):
   assert jax.device_count() == 8
