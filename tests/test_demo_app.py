@@ -4,6 +4,8 @@ With NOTAGEN_SCREENSHOTS=docs/images the first test saves the page's screenshot 
 """
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -102,3 +104,22 @@ def test_the_tiny_model_continues_an_uploaded_score(browser, url):
   assert "ABC (as generated)" in _links_work(section, url)
   # Its two patches of noise may or may not convert: either way the page says what became of it.
   assert _notes(section) or section.find_element(By.CLASS_NAME, "reason").text
+
+
+def test_entry_point_serves_the_page(golden_dir, tmp_path):
+  """`python -m notagen_jax.demo` as documented, on a free port: the page offers the prompts."""
+  record = dict(zip(corpus.PROMPT_FIELDS, BACH), prompt=True)
+  (tmp_path / "prepared" / "pieces" / "bwv1").mkdir(parents=True)
+  (tmp_path / "prepared" / "pieces" / "bwv1" / "0.json").write_text(json.dumps(record))
+  demo = subprocess.Popen(
+      [sys.executable, "-m", "notagen_jax.demo", f"--checkpoint={golden_dir / 'tiny.pth'}",
+       f"--known_prompts={tmp_path / 'prepared'}", f"--output={tmp_path / 'out'}", "--port=0"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    line = demo.stdout.readline()
+    assert line.startswith("demo: http://127.0.0.1:"), line
+    page = urllib.request.urlopen(line.split()[1], timeout=30).read().decode()
+    assert all(field in page for field in BACH)
+  finally:
+    demo.terminate()
+    demo.wait(timeout=30)
