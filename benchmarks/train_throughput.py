@@ -4,7 +4,7 @@
       [--tiny-batch=8] [--small-patches=1024] [--dpo-chosen=253] [--dpo-rejected=256]
       [--torch-attn=eager,sdpa] [--skip=tiny,small,dpo,dpo-reference,torch]
 
-The default run takes 7-10 minutes on a 2-core x86-64 CPU (model not recorded); e.g.
+The default run takes several minutes on a 2-core CPU (the DPO part alone about five); e.g.
 `--skip=tiny,small --dpo-steps=1` only times the DPO steps, `--skip=tiny,dpo --small-patches=2048`
 the small model at its full length.
 
@@ -452,7 +452,7 @@ def main(argv: list[str]) -> None:
   print("# TFLOP/s, MFU: useful work, 3x the forward matmul FLOPs of the real patches and real "
         "target chars (+1x for a reference forward), over the best wall time;\n# trainer MFU: "
         "what train_and_evaluate would log, 3x trainer.forward_flops(cfg, patch_length) x batch "
-        "(padding and all 17 char positions)")
+        "(padding and all 16 char positions per patch)")
   print()
   header = (f"{'step':48} {'shape':42} {'s/step':>7} {'CPU s':>7} {'chars/s':>8} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'trainer MFU':>11} {'vs torch wall':>13} {'CPU':>6}")
