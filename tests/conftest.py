@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 simulated CPU devices for sharding tests, and paths to the golden data."""
+"""Test-wide setup: 8 simulated CPU devices for sharding tests, the golden data, a real corpus and a
+headless browser."""
 
 import os
 import pathlib
@@ -28,3 +29,17 @@ def corpus_shards(tmp_path_factory):
   preparation.prepare_corpus(sources, root / "prepared",
                              preparation.PrepareOptions(eval_fraction=0.25, workers=1))
   return shards.build_shards(root / "prepared", root / "shards")
+
+
+@pytest.fixture(scope="module")
+def browser():
+  """Debian's Chromium, headless, through its chromedriver (the page tests)."""
+  from selenium import webdriver  # pylint: disable=import-outside-toplevel
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
+  options = webdriver.ChromeOptions()
+  for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                   "--window-size=1280,2400"):
+    options.add_argument(argument)
+  driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+  yield driver
+  driver.quit()

@@ -18,7 +18,7 @@ from notagen_jax import checkpoint
 from notagen_jax import demo_app
 from notagen_jax import sampling
 from notagen_jax.data import corpus
-from test_report import _notes, _screenshot, browser  # noqa: F401  pylint: disable=unused-import
+from test_report import _notes, _screenshot
 
 BACH = ("Baroque", "Bach, Johann Sebastian", "Choral")
 KNOWN = {BACH, ("Baroque", "Bach, Johann Sebastian", "Keyboard"),

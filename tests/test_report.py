@@ -12,8 +12,6 @@ import urllib.parse
 
 import ml_collections
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from notagen_jax import dpo_loop
@@ -34,17 +32,6 @@ def texts(golden_dir):
   """Three Bach chorales in generation form (music21's corpus through the data path)."""
   cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
   return [case["stream_text"] for case in cases]
-
-
-@pytest.fixture(scope="module")
-def browser():
-  options = webdriver.ChromeOptions()
-  for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                   "--window-size=1280,2400"):
-    options.add_argument(argument)
-  driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-  yield driver
-  driver.quit()
 
 
 def _write(texts, out, formats=("xml", "mid")):
