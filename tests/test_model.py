@@ -323,9 +323,9 @@ def _random_batch(rows=3, length=24):
   return patches, mask
 
 
-@pytest.mark.parametrize("overrides", [
-    {"patch_sampling": 9},
-    pytest.param({"char_packing": True, "remat": True}, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a minute or more: runs in CI's second pass
+@pytest.mark.parametrize("overrides", [{"patch_sampling": 9},
+                                       {"char_packing": True, "remat": True}])
 def test_scan_layers_same_numbers(overrides):
   """Scanned layers give the unrolled model's outputs, loss and gradients, dropout included: the
   layers draw the same dropout keys."""

@@ -248,6 +248,7 @@ def test_preference_batches(tmp_path, golden_dir):
   assert seen == set(itertools.product(range(2), range(2)))
 
 
+@pytest.mark.slow  # starts worker processes: runs in CI's second pass
 def test_worker_processes_give_the_same_batches(shards_dir):
   config = dict(SMALL, seed=9)
   expected = take(pipeline.make_iterator(shards_dir, **config), 5)
