@@ -229,6 +229,13 @@ def test_core_dependencies_leave_out_torch_and_test_tools():
   assert extras["tpu"] == [f"jax[tpu]>={_jax_floor()}"]
 
 
+def test_requirements_install_the_package_with_what_the_tests_run():
+  """`pip install -r requirements.txt` (what .ci/run runs) is the package with its test extra."""
+  lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+  assert [line for line in lines if line and not line.startswith("#")] == ["-e .[test]"]
+  assert "-r requirements.txt" in (REPO / ".ci" / "run").read_text()
+
+
 def test_tpu_vm_all_dry_run():
   lines = _lines("tpu_vm.sh", *V5P, "all", "--", "--config.train.num_steps=100")
   describe, create = lines[0].split(" || ")
