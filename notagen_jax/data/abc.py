@@ -97,7 +97,7 @@ def clean(abc_text: str) -> list[str]:
     _, _, _, bars, _ = extract_barline_and_bartext_dict(lines)
   except Exception as error:
     raise PieceError(f"cannot split into bars: {type(error).__name__}: {error}") from error
-  counts = {voice: len(voice_bars) for voice, voice_bars in bars.items()}
+  counts = {voice: len(texts) for voice, texts in bars.items()}
   if len(set(counts.values())) > 1:
     raise PieceError(f"voices have different bar counts: {counts}")
   # The original rejects a piece whose alignment check raises (its bar-duration parser fails on
@@ -216,7 +216,7 @@ def unreduce(text: str) -> str:
   out = [line + "\n" for line in metadata]
   right = "|"
   for number, line in enumerate(lines[start:]):
-    bars = _voice_bars(_STREAM_MARKER.sub("", line), number)
+    bars = voice_bars(_STREAM_MARKER.sub("", line), number)
     unknown = [voice for voice in bars if voice not in rest_char]
     if unknown:
       raise PieceError(f"body line {number}: voice {unknown[0]} is not declared in the header")
@@ -244,18 +244,29 @@ def _measure(bars: dict[str, str], first_line: bool,
   """
   durations, left = [], ""
   for bar in bars.values():
-    parts = re.split(Barline_regexPattern, bar)
-    content = bar
-    if len(parts) > 2:
-      right = "".join(parts[-2:])  # the last barline and what follows it (a volta number)
-      content = bar[:-len(right)]
-    leading = _LEADING_BARLINE.match(content) if first_line else None
-    if leading:
-      left, content = leading.group(1), content[leading.end():]
-    duration = _bar_duration(content)
+    bar_left, content, bar_right = split_barlines(bar, first_line)
+    left, right = bar_left or left, bar_right or right
+    duration = bar_duration(content)
     if duration:
       durations.append(duration)
   return durations, left, right
+
+
+def split_barlines(bar: str, first_line: bool) -> tuple[str, str, str]:
+  """One voice's bar of a body line as (left barline, content, right barline), "" where absent.
+
+  The right barline is the last one and what follows it (a volta number); a left barline is read
+  on the piece's first line only, as abctoolkit writes it there alone.
+  """
+  left, right, content = "", "", bar
+  parts = re.split(Barline_regexPattern, bar)
+  if len(parts) > 2:
+    right = "".join(parts[-2:])
+    content = bar[:-len(right)]
+  leading = _LEADING_BARLINE.match(content) if first_line else None
+  if leading:
+    left, content = leading.group(1), content[leading.end():]
+  return left, content, right
 
 
 def _declared_voices(metadata: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -274,7 +285,8 @@ def _declared_voices(metadata: Sequence[str]) -> tuple[list[str], dict[str, str]
   return sorted(set(voices), key=lambda voice: int(voice[2:])), rest_char
 
 
-def _voice_bars(line: str, number: int) -> dict[str, str]:
+def voice_bars(line: str, number: int) -> dict[str, str]:
+  """Each voice's text in one interleaved body line (no stream marker), in the line's order."""
   parts = _VOICE_TAG.split(line)
   if parts[0].strip():
     raise PieceError(f"body line {number}: text before the first voice: {parts[0][:40]!r}")
@@ -286,7 +298,7 @@ def _voice_bars(line: str, number: int) -> dict[str, str]:
   return bars
 
 
-def _bar_duration(bar_text: str) -> fractions.Fraction | None:
+def bar_duration(bar_text: str) -> fractions.Fraction | None:
   """A bar's length in unit note lengths as abctoolkit counts it (as the original), None if it
   cannot."""
   with contextlib.redirect_stdout(io.StringIO()):  # it prints every bar it cannot read
