@@ -6,7 +6,9 @@ un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl and DIR/index.html (eve
 prompt, settings, files and failures; scores need the render extra). The prompt is period /
 composer / instrumentation (checked against `--known_prompts`, a prepared corpus, when given), or
 a score to continue (`--continue_from=score.xml|.abc|.krn`, read as `prepare` reads it; `--tune=N`
-for one tune of an ABC file of several), or both. Every path may be local or a gs:// URL.
+for one tune of an ABC file of several), or both. The printed summary holds the run's measures
+(conversion rates, bar-alignment error, the original's filters, perplexity: docs/generation.md).
+Every path may be local or a gs:// URL.
 """
 
 import dataclasses
@@ -49,6 +51,9 @@ _MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: unt
 _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
 flags.register_validator("formats", lambda formats: set(formats) <= {"xml", "mid"},
                          "takes xml, mid, both or nothing (comma-separated)")
+_PERPLEXITY = flags.DEFINE_bool(
+    "perplexity", True, "Score each piece under the checkpoint's own weights (one forward pass "
+    "per piece) and print the samples' perplexity in the summary.")
 _WEIGHTS_DTYPE = flags.DEFINE_enum(
     "weights_dtype", "float32", list(sampling.WEIGHT_DTYPES),
     "Weight matrices as stored while sampling (sums in float32; float32 keeps the original's "
@@ -86,7 +91,7 @@ def main(argv):
   weights_dtype = None if _WEIGHTS_DTYPE.value == "float32" else _WEIGHTS_DTYPE.value
   written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
                                 batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value,
-                                weights_dtype=weights_dtype)
+                                weights_dtype=weights_dtype, perplexity=_PERPLEXITY.value)
   for item in written:
     status = "ok" if item.ok else f"FAILED ({item.reason})"
     errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())

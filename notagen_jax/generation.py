@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 from etils import epath
 
+from notagen_jax import metrics
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
 from notagen_jax import storage
@@ -89,7 +90,8 @@ def continuation_prompt(path: epath.PathLike, head: str = "", bars: int = 0,
 
 @dataclasses.dataclass(frozen=True)
 class Written:
-  """What was written for one piece; `errors` maps a failed output to its reason."""
+  """What was written for one piece; `errors` maps a failed output to its reason, `metrics`
+  holds what `summary` sums up of it."""
   index: int
   name: str
   ok: bool
@@ -99,6 +101,7 @@ class Written:
   seconds: float
   files: dict[str, str]
   errors: dict[str, str]
+  metrics: metrics.PieceMetrics = metrics.PieceMetrics()
 
 
 def readable(text: str) -> str:
@@ -134,7 +137,8 @@ def write_piece(result: sampling.Result, out_dir: epath.PathLike, name: str,
   if "xml" not in formats:
     files.pop("xml", None)
   return Written(result.index, name, result.ok, result.reason, result.patches, len(result.text),
-                 round(result.seconds, 2), {k: str(v) for k, v in files.items()}, errors)
+                 round(result.seconds, 2), {k: str(v) for k, v in files.items()}, errors,
+                 metrics.piece_metrics(result.text))
 
 
 def _write_midi(musicxml: str, path: epath.Path) -> epath.Path:
@@ -148,11 +152,13 @@ def _write_midi(musicxml: str, path: epath.Path) -> epath.Path:
 def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.PathLike, *,
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
              formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
-             weights_dtype: str | None = None) -> list[Written]:
+             weights_dtype: str | None = None, perplexity: bool = False) -> list[Written]:
   """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
 
   `weights_dtype` ("bfloat16" or "int8") stores the weight matrices narrower for sampling (sums
-  stay in float32; see `sampling.Sampler`): each character reads them all.
+  stay in float32; see `sampling.Sampler`): each character reads them all. `perplexity` adds each
+  piece's log-likelihood under `model` itself (its own weights, not the narrower ones, and no
+  constraint on decoding; one forward pass per piece), from which `summary` reports perplexity.
   """
   out = storage.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +170,9 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
 
   def on_result(result: sampling.Result):
     item = write_piece(result, out, f"piece_{result.index:05d}", formats)
+    if perplexity:
+      likelihood = metrics.log_likelihood(model, result.text)
+      item = dataclasses.replace(item, metrics=dataclasses.replace(item.metrics, **likelihood))
     written.append(item)
     record.append(dataclasses.asdict(item))
     if bar is not None:
@@ -185,13 +194,16 @@ def _progress(total: int):
   return tqdm.tqdm(total=total, desc="pieces", unit="piece")
 
 
-def summary(written: Sequence[Written]) -> dict[str, float | int]:
-  """Counts for a run: pieces, complete ones, share converted to MusicXML / MIDI, chars."""
+def summary(written: Sequence[Written]) -> dict[str, float | int | None]:
+  """Counts for a run: pieces, complete ones, shares un-reduced and converted to MusicXML / MIDI,
+  chars, and `metrics.summarize`'s measures (bar alignment, filters, perplexity)."""
   n = max(len(written), 1)
   return {
       "pieces": len(written),
       "complete": sum(w.ok for w in written),
+      "unreduced_share": round(sum("unreduced" in w.files for w in written) / n, 3),
       "musicxml_share": round(sum("xml" in w.files for w in written) / n, 3),
       "midi_share": round(sum("mid" in w.files for w in written) / n, 3),
       "chars": sum(w.chars for w in written),
+      **metrics.summarize([w.metrics for w in written]),
   }

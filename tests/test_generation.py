@@ -15,6 +15,8 @@ from notagen_jax.data import corpus
 from notagen_jax.data import tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The summary's counts of written files (tests/test_metrics.py checks the metrics it adds).
+COUNTS = ("pieces", "complete", "unreduced_share", "musicxml_share", "midi_share", "chars")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,8 @@ def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
   model = checkpoint.load_model(golden_dir / "tiny.pth")
   settings = sampling.Settings(max_patches=6)
   written = generation.generate(model, ["%Baroque\n%Bach, Johann Sebastian\n%Choral\n"] * 3,
-                                tmp_path, settings=settings, batch=2, progress=False)
+                                tmp_path, settings=settings, batch=2, progress=False,
+                                perplexity=True)
   assert [w.index for w in written] == [0, 1, 2]
   records = [json.loads(line) for line in (tmp_path / "pieces.jsonl").read_text().splitlines()]
   assert sorted(records, key=lambda r: r["index"]) == [dataclasses.asdict(w) for w in written]
@@ -92,8 +95,13 @@ def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
     assert w.errors == {"unreduced": "no tune body (no line contains [V:)"}
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "piece_00000.abc", "piece_00001.abc", "piece_00002.abc", "pieces.jsonl"]
-  assert generation.summary(written) == {"pieces": 3, "complete": 3, "musicxml_share": 0.0,
-                                         "midi_share": 0.0, "chars": sum(map(len, texts))}
+  summary = generation.summary(written)
+  assert {k: summary[k] for k in COUNTS} == {"pieces": 3, "complete": 3, "unreduced_share": 0.0,
+                                             "musicxml_share": 0.0, "midi_share": 0.0,
+                                             "chars": sum(map(len, texts))}
+  # Noise has no bars to align; the model still scores every character after the first patch.
+  assert (summary["bars"], summary["bar_alignment_error"], summary["aligned_share"]) == (0, None, 0)
+  assert all(w.metrics.scored_chars > 0 for w in written) and summary["perplexity"] > 1
 
 
 def test_summary_counts_shares_of_converted_pieces():
@@ -103,10 +111,13 @@ def test_summary_counts_shares_of_converted_pieces():
   written = [piece(0, True, ["unreduced", "xml", "mid"], 100),
              piece(1, False, ["unreduced", "xml"], 20),
              piece(2, True, [], 7)]
-  assert generation.summary(written) == {"pieces": 3, "complete": 2, "musicxml_share": 0.667,
-                                         "midi_share": 0.333, "chars": 127}
-  assert generation.summary([]) == {"pieces": 0, "complete": 0, "musicxml_share": 0.0,
-                                    "midi_share": 0.0, "chars": 0}
+  summary = generation.summary(written)
+  assert {k: summary[k] for k in COUNTS} == {"pieces": 3, "complete": 2, "unreduced_share": 0.667,
+                                             "musicxml_share": 0.667, "midi_share": 0.333,
+                                             "chars": 127}
+  summary = generation.summary([])
+  assert {k: summary[k] for k in COUNTS} == {"pieces": 0, "complete": 0, "unreduced_share": 0.0,
+                                             "musicxml_share": 0.0, "midi_share": 0.0, "chars": 0}
 
 
 def test_generate_entry_point(golden_dir, tmp_path):
@@ -115,5 +126,6 @@ def test_generate_entry_point(golden_dir, tmp_path):
        f"--output={tmp_path}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
        "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4",
        "--formats=", "--weights_dtype=bfloat16"], cwd=REPO, capture_output=True, text=True, check=True)
-  assert '"pieces": 2' in out.stdout
+  summary = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+  assert summary["pieces"] == 2 and summary["perplexity"] > 1  # scored by default
   assert sorted(p.name for p in tmp_path.glob("*.abc")) == ["piece_00000.abc", "piece_00001.abc"]
