@@ -37,8 +37,14 @@ from notagen_jax.scoring import Embedder
 from notagen_jax.scoring import preferences
 
 SCORERS = ("symbolic", "clamp2")
-COLUMNS = ("iteration", "pieces", "valid", "scored", "mean_score", "chosen", "rejected",
-           "misaligned", "instruments_apart", "plagiarized")
+# From the samples' summary (`generation.summary`): shares un-reduced / converted to MusicXML (the
+# loop writes no MIDI), bar-alignment error and perplexity under the policy that drew them.
+SAMPLE_COLUMNS = {"unreduced": "unreduced_share", "musicxml": "musicxml_share",
+                  "bae": "bar_alignment_error", "perplexity": "perplexity"}
+# From the selection's counts (`preferences.Counts`).
+COUNT_COLUMNS = ("chosen", "rejected", "misaligned", "instruments_apart", "plagiarized")
+COLUMNS = ("iteration", "pieces", "valid", *SAMPLE_COLUMNS, "scored", "mean_score",
+           *COUNT_COLUMNS)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -114,7 +120,8 @@ def sample(c: ml_collections.ConfigDict, policy: str, out: epath.Path,
     prompt = generation.prompt_text(*c.prompt)
     written = generation.generate(model, [prompt] * c.sample.num_pieces, out,
                                   settings=sampling.Settings(**_settings_fields(c)),
-                                  batch=c.sample.batch, seed=seed, formats=("xml",))
+                                  batch=c.sample.batch, seed=seed, formats=("xml",),
+                                  perplexity=True)  # one forward per piece, next to sampling it
     record = {"summary": generation.summary(written),
               "pieces": [{"abc": w.files["abc"], "ok": w.ok, "musicxml": "xml" in w.files}
                          for w in written]}
@@ -158,9 +165,11 @@ def row(iteration: int, samples: dict[str, Any], scores: dict[str, Any]) -> dict
   counts, summary = scores["counts"], samples["summary"]
   valid = sum(p["ok"] and p["musicxml"] for p in samples["pieces"]) / max(summary["pieces"], 1)
   return {"iteration": iteration, "pieces": summary["pieces"], "valid": round(valid, 3),
+          # samples.json of a run older than these measures lacks them: shown as "-"
+          **{column: summary.get(key) for column, key in SAMPLE_COLUMNS.items()},
           "scored": counts["scored"],
           "mean_score": None if counts["mean_score"] is None else round(counts["mean_score"], 4),
-          **{k: counts[k] for k in COLUMNS[5:]}}
+          **{k: counts[k] for k in COUNT_COLUMNS}}
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

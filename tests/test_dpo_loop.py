@@ -101,6 +101,8 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
     np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-6)
     scored = np.isfinite(expected)
     assert r["pieces"] == 8 and r["scored"] == scored.sum()
+    # Pieces 0 and 4 are the broken texts; the chorales' bars all align.
+    assert (r["unreduced"], r["musicxml"], r["bae"]) == (0.75, 0.75, 0.0) and r["perplexity"] > 1
     # The score row carries the mean over the scored pieces, rounded to 4 places.
     assert abs(r["mean_score"] - expected[scored].mean()) <= 5e-5 + 1e-6
   it0 = tmp_path / "iteration_0"
