@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from notagen_jax import constraint
 from notagen_jax import model as model_lib
 from notagen_jax.data import tokenizer
 from notagen_jax.inference import layout
@@ -35,8 +36,8 @@ from notagen_jax.inference import weights
 
 BODY_MARKER = "[r:"
 FIRST_BODY_PREFIX = "[r:0/"
-# Row events returned per generated patch.
-IDLE, APPENDED, ENDED, FULL = 0, 1, 2, 3
+# Row events returned per generated patch (DEAD: the constraint admits no next character).
+IDLE, APPENDED, ENDED, FULL, DEAD = 0, 1, 2, 3, 4
 # Context patches prefilled in one call at most (rows x length bucket).
 PREFILL_PATCHES = 4096
 
@@ -54,6 +55,9 @@ class Settings:
   # The original drops the prompt lines when the context overflows (only generated metadata is
   # kept); keeping them keeps the conditioning. False reproduces the original exactly.
   keep_prompt_on_overflow: bool = True
+  # Admit only well-formed pieces (`constraint`): masks each character's distribution before the
+  # top-k / top-p / temperature steps. False draws exactly as the original.
+  constrained: bool = False
 
   def __post_init__(self):
     if self.top_k < 0:
@@ -113,6 +117,7 @@ class DecodeState:
   active: jax.Array  # [B]
   keys: jax.Array  # [B] one RNG key per piece
   step: jax.Array  # [B] patches drawn so far for the piece, folded into its key
+  grammar: constraint.State  # [B] where each piece stands in the constrained grammar
 
 
 def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
@@ -124,29 +129,54 @@ def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
       length=jnp.zeros((batch,), jnp.int32), prefix=jnp.zeros((batch, p), jnp.int32),
       prefix_len=jnp.zeros((batch,), jnp.int32), in_body=jnp.zeros((batch,), bool),
       active=jnp.zeros((batch,), bool), keys=jax.random.split(jax.random.key(0), batch),
-      step=jnp.zeros((batch,), jnp.int32))
+      step=jnp.zeros((batch,), jnp.int32),
+      grammar=constraint.batch([constraint.initial()] * batch))
 
 
 def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
                 prefix_len: jax.Array, keys: jax.Array, settings: Settings,
-                cache_type: type[model_lib.KVCache]) -> jax.Array:
-  """[B, P] chars of the next patch: the prefix, then drawn chars, one cached char step each."""
+                cache_type: type[model_lib.KVCache],
+                grammar: constraint.State) -> tuple[jax.Array, constraint.State]:
+  """[B, P] chars of the next patch: the prefix, then drawn chars, one cached char step each.
+
+  Constrained, each drawn char is drawn among those the grammar admits and moves the grammar on
+  (the prefix is already in it); a row whose grammar admits nothing is marked dead.
+  """
   cfg = model.cfg
   b, p = prefix.shape
   cache = [cache_type.empty(cfg, b, p) for _ in range(cfg.char_layers)]
 
   def step(t, carry):
-    cache, chars, previous = carry
+    cache, chars, previous, grammar, closed = carry
     position = jnp.full((b, 1), t)
     x = model.char.embed(hidden[:, None], previous[:, None], position)
     logprobs, cache = model.char.decode(x, cache, position[:, 0])
     char_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
-    drawn = draw(char_keys, jnp.exp(logprobs[:, 0]), settings)
-    char = jnp.where(t < prefix_len, prefix[:, t], drawn).astype(jnp.int32)
-    return cache, chars.at[:, t].set(char), char
+    probs = jnp.exp(logprobs[:, 0])
+    drawing = t >= prefix_len
+    if settings.constrained:
+      following, admitted = constraint.admissible(grammar, t)
+      live = drawing & ~closed & ~grammar.dead
+      stuck = live & ~admitted.any(-1)
+      allowed = jnp.where((live & ~stuck)[:, None], admitted, True)
+      masked = jnp.where(allowed, probs, 0.0)
+      total = masked.sum(-1, keepdims=True)
+      # An admitted char keeps a chance even where the model gives every admitted char none.
+      probs = jnp.where(total > 0, masked / jnp.where(total > 0, total, 1.0),
+                        allowed / allowed.sum(-1, keepdims=True))
+    drawn = draw(char_keys, probs, settings)
+    char = jnp.where(drawing, drawn, prefix[:, t]).astype(jnp.int32)
+    if settings.constrained:
+      moved = jax.tree.map(lambda a: jnp.take_along_axis(a, drawn[:, None], 1)[:, 0], following)
+      grammar = jax.tree.map(lambda new, old: jnp.where(live & ~stuck, new, old), moved, grammar)
+      grammar = grammar.replace(dead=grammar.dead | stuck)
+      closed = closed | (char == tokenizer.EOS)
+    return cache, chars.at[:, t].set(char), char, grammar, closed
 
-  init = (cache, jnp.zeros((b, p), jnp.int32), jnp.zeros((b,), jnp.int32))
-  return jax.lax.fori_loop(0, p, step, init)[1]
+  init = (cache, jnp.zeros((b, p), jnp.int32), jnp.zeros((b,), jnp.int32), grammar,
+          jnp.zeros((b,), bool))
+  _, chars, _, grammar, _ = jax.lax.fori_loop(0, p, step, init)
+  return chars, grammar
 
 
 def _pad_after_eos(chars: jax.Array) -> jax.Array:
@@ -169,18 +199,22 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
   p = cfg.patch_size
   keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
   cache_type = type(state.cache[0])
-  chars = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys, settings,
-                      cache_type)
+  chars, grammar = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys,
+                               settings, cache_type, state.grammar)
+  grammar = jax.tree.map(lambda new, old: jnp.where(state.active, new, old), grammar,
+                         state.grammar)
   # Chars given as a prefix are already in the piece's text; the forced `[r:0/` is not.
   text_from = state.prefix_len
-  redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER)
+  # Constrained, the first body patch starts `[r:0/` already.
+  redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER) & (
+      not settings.constrained)
 
   def regenerate(chars):
     forced = jnp.array([ord(c) for c in FIRST_BODY_PREFIX] + [0] * (p - len(FIRST_BODY_PREFIX)))
     redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
-    again = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
-                        jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
-                        settings, cache_type)
+    again, _ = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
+                           jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
+                           settings, cache_type, state.grammar)
     return jnp.where(redo[:, None], again, chars)
 
   chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
@@ -189,6 +223,7 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
   ended = _starts_with(chars, text_from, chr(tokenizer.BOS) + chr(tokenizer.EOS))
   full = state.length + 1 >= cfg.patch_length
   event = jnp.where(~state.active, IDLE, jnp.where(ended, ENDED, jnp.where(full, FULL, APPENDED)))
+  event = jnp.where(state.active & grammar.dead, DEAD, event)
   feed = event == APPENDED
   hidden, cache = model.patch.decode(chars[:, None], state.cache, state.length)
   state = state.replace(
@@ -198,7 +233,8 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
       prefix_len=jnp.where(state.active, 0, state.prefix_len),
       in_body=state.in_body | redo,
       active=feed,
-      step=state.step + state.active)
+      step=state.step + state.active,
+      grammar=grammar)
   return state, (chars, event, text_from)
 
 
@@ -225,6 +261,7 @@ class Load:
   in_body: jax.Array  # [K]
   key: jax.Array  # [K]
   step: jax.Array  # [K]
+  grammar: constraint.State  # [K]
   count: jax.Array  # [] real rows
 
 
@@ -252,7 +289,8 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
         prefix=set_row(state.prefix, load.prefix),
         prefix_len=set_row(state.prefix_len, load.prefix_len),
         in_body=set_row(state.in_body, load.in_body), active=state.active.at[row].set(True),
-        keys=set_row(state.keys, load.key), step=set_row(state.step, load.step))
+        keys=set_row(state.keys, load.key), step=set_row(state.step, load.step),
+        grammar=jax.tree.map(set_row, state.grammar, load.grammar))
 
   return jax.lax.fori_loop(0, load.count, load_row, state)
 
@@ -402,6 +440,7 @@ class _Loading(NamedTuple):
   prefix: np.ndarray  # chars of the open last patch
   in_body: bool
   step: int  # patches drawn so far for the piece
+  grammar: constraint.State  # where the piece stands in the constrained grammar
 
 
 class _Generation:
@@ -435,7 +474,7 @@ class _Generation:
           i = waiting.popleft()
           ids, prefix, in_body = self.encoded[i]
           self.slots[row] = self._new_piece(i, in_body)
-          self._load(row, ids, prefix, in_body, step=0)
+          self._load(row, ids, prefix, in_body, 0, self._prompt_grammar(i))
       self._step()
     return [self.finished[i] for i in range(len(self.prompts))]
 
@@ -451,8 +490,19 @@ class _Generation:
       piece.prompt_head = prompt
     return piece
 
-  def _load(self, row: int, ids: np.ndarray, prefix: np.ndarray, in_body: bool, step: int):
-    self.loads.append(_Loading(row, ids, prefix, in_body, step))
+  def _prompt_grammar(self, index: int) -> constraint.State:
+    """Where prompt `index` leaves the grammar (the start when unconstrained)."""
+    if not self.sampler.settings.constrained:
+      return constraint.initial()
+    ids, prefix, _ = self.encoded[index]
+    try:
+      return constraint.advance(constraint.initial(), ids, prefix)
+    except ValueError as error:
+      raise ValueError(f"prompt {index} cannot be continued well-formed: {error}") from None
+
+  def _load(self, row: int, ids: np.ndarray, prefix: np.ndarray, in_body: bool, step: int,
+            grammar: constraint.State):
+    self.loads.append(_Loading(row, ids, prefix, in_body, step, grammar))
 
   def _prefill_loads(self):
     """Prefills the queued contexts, those of one length bucket together.
@@ -491,6 +541,8 @@ class _Generation:
     rows, context, prefix_len, step, pieces = (np.zeros((k,), np.int32) for _ in range(5))
     prefix = np.zeros((k, p), np.int32)
     in_body = np.zeros((k,), bool)
+    grammars = [load.grammar for load in loads]
+    grammars += [constraint.initial()] * (k - len(loads))
     for j, (load, source) in enumerate(zip(loads, sources)):
       patches[source, :len(load.ids)], n_patches[source] = load.ids, len(load.ids)
       rows[j], context[j], step[j] = load.row, source, load.step
@@ -500,7 +552,8 @@ class _Generation:
     load = Load(patches=jnp.asarray(patches), n_patches=jnp.asarray(n_patches),
                 row=jnp.asarray(rows), context=jnp.asarray(context), prefix=jnp.asarray(prefix),
                 prefix_len=jnp.asarray(prefix_len), in_body=jnp.asarray(in_body), key=keys,
-                step=jnp.asarray(step), count=jnp.int32(len(loads)))
+                step=jnp.asarray(step), grammar=constraint.batch(grammars),
+                count=jnp.int32(len(loads)))
     self.state = _prefill(self.sampler.graphdef, self.sampler.prefill_params, self.state, load)
 
   def _ensure_capacity(self, need: int):
@@ -508,11 +561,17 @@ class _Generation:
       self.capacity = _bucket(need, self.cfg.patch_length, 64)
       self.state = _grow(self.state, self.capacity)
 
-  def _finish(self, row: int, ok: bool, reason: str = ""):
+  def _finish(self, row: int, ok: bool, reason: str = "", ended: bool = False):
     piece = self.slots[row]
     self.slots[row] = None
     self.state = self.state.replace(active=self.state.active.at[row].set(False))
-    result = Result(piece.index, piece.prompt, piece.prompt + "".join(piece.text), ok, reason,
+    text = piece.prompt + "".join(piece.text)
+    if self.sampler.settings.constrained and not ended:
+      # A piece stopped inside a line keeps its complete lines: what it wrote stays well-formed.
+      text = text[:text.rfind("\n") + 1]
+      if not any(line.startswith(BODY_MARKER) for line in text.split("\n")):
+        ok, reason = False, reason or "stopped before its first complete line"
+    result = Result(piece.index, piece.prompt, text, ok, reason,
                     piece.patches, piece.overflows, time.perf_counter() - piece.start_time)
     self.finished[piece.index] = result
     if self.on_result:
@@ -534,7 +593,10 @@ class _Generation:
         if event == IDLE:
           break
         if event == ENDED:
-          self._finish(row, True)
+          self._finish(row, True, ended=True)
+          break
+        if event == DEAD:
+          self._finish(row, True, "no well-formed continuation: cut after its last complete line")
           break
         piece.append(sampler.patchilizer.decode([patches[n, row, text_from[n, row]:]]))
         if piece.chars > settings.max_chars:
@@ -560,4 +622,6 @@ class _Generation:
     if len(ids) >= self.cfg.patch_length:
       self._finish(row, False, "context still full after keeping half of the body lines")
       return
-    self._load(row, ids, prefix, True, step=piece.patches)
+    # The piece goes on where it stands in the grammar (only the model's context was cut).
+    grammar = jax.tree.map(lambda a: a[row], self.state.grammar)
+    self._load(row, ids, prefix, True, piece.patches, grammar)

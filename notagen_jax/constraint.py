@@ -1,0 +1,807 @@
+"""Constrained decoding: a per-row automaton over characters that admits only well-formed pieces.
+
+The automaton reads what the sampler writes, character by character and patch by patch, and says
+which of the 128 characters may come next. What it admits is NotaGen's training form:
+
+- metadata lines in the training data's order and syntax: `%` comment lines, `%%score`, `L:1/d`,
+  `Q:`, `M:`, `K:`, then `V:1`, `V:2`, ... numbered in order (as many as `%%score` names);
+- body lines `[r:i/j]` with i counting the lines, then voices in increasing order, each declared
+  and at most once (rest reduction leaves out the voices that rest), each `[V:n]` bar closed by a
+  barline; the first voice's bar lasts at most two bars of the meter (pickups and the training
+  data's short and long bars), every other voice's bar lasts exactly as long and ends with the
+  same barline, durations read as abctoolkit reads them (unit length, multipliers and fractions,
+  broken rhythm, `(3` and `(p:q:r` tuplets rounded as it rounds them, chords, grace notes as zero,
+  decorations, annotations and inline fields as nothing);
+- patches cut as the tokenizer cuts them: eos only where a bar or a line ends, the barline of a
+  voice that is not the line's last opening the next patch, `\n` ending the line's last patch;
+  the piece ends with the bos-eos patch after a complete line.
+
+Lengths are dyadic (`/`, `/d` and `n/d` with d up to 64, numerators up to 99) and the first
+voice's bar a whole number of 1/64 units, so the bar another voice still has to fill can be
+filled; a row left with no admissible character (possible after tuplets) is reported dead, and
+the sampler cuts its piece after its last complete line.
+
+`step` is one transition for one row and one character, written with jnp scalars so that it is
+vmapped over the 128 candidates and over rows inside the sampler's compiled loop; `advance` runs
+it over a prompt on the host side to start a row.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from notagen_jax.data import tokenizer
+
+VOCAB = 128
+PATCH = 16
+# Ticks per unit note length: every dyadic length down to 1/64 and every tuplet ratio p <= 9 of
+# such lengths is a whole number of ticks.
+TICKS = 2**9 * 315
+MIN_TICKS = TICKS // 64
+MAX_NUM = 99
+DENOMINATORS = (2, 4, 8, 16, 32, 64)
+# The longest bar the first voice may write: this many bars of the meter (the training data has
+# bars up to 2.5 times the meter's), or units when the meter is free (`M:none`).
+BAR_LIMIT = 4
+FREE_BAR_UNITS = 64
+
+# Contexts: where in the piece the next character falls.
+(H_LINE, H_PERCENT, H_FIXED, H_SCORE, H_UNIT, H_METER, H_TEXT, H_VOICE, EOL, B_LINE, B_FIXED,
+ B_INDEX, B_REMAIN, B_VOICE, CONTENT, BARLINE, END, DONE, H_KEY, H_TEMPO, H_CLEF, H_NAMES,
+ H_INFO) = range(23)
+# Header ranks: lines must come in this order (comments first, voices last).
+R_START, R_SCORE, R_UNIT, R_TEMPO, R_METER, R_KEY, R_VOICES = range(7)
+# Fixed strings, each followed by a context.
+FIXED = ("%score ", ":1/", ":", ":", ":", ":", ":", "[r:", "[V:")
+(F_SCORE, F_UNIT, F_TEMPO, F_METER, F_KEY, F_VOICE, F_INFO, F_MARKER, F_VTAG) = range(len(FIXED))
+_FIXED_NEXT = (H_SCORE, H_UNIT, H_TEMPO, H_METER, H_KEY, H_VOICE, H_INFO, B_INDEX, B_VOICE)
+# The words a key field may hold (header `K:` and inline `[K:]`): keys with their modes, and the
+# clef changes of the training data; and the clefs of `V:` lines.
+KEYS = tuple(f"{tonic}{accidental}{mode}" for tonic in "ABCDEFG" for accidental in ("", "b", "#")
+             for mode in ("", "m", "min", "maj", "mix", "dor", "phr", "lyd", "loc")) + ("none",)
+CLEFS = ("treble", "bass", "alto", "tenor", "treble-8", "bass-8", "treble+8", "bass+8", "perc",
+         "baritone", "mezzosoprano", "soprano", "none")
+MAX_COMMENTS = 3  # the prompt's period, composer and instrumentation
+# `!...!` decorations: those abc2xml reads (dynamics, hairpins, articulations, ornaments).
+DECORATIONS = ("pppp", "ppp", "pp", "p", "mp", "mf", "f", "ff", "fff", "ffff", "sfz", "sf", "fp",
+               "<(", "<)", ">(", ">)", "crescendo(", "crescendo)", "diminuendo(", "diminuendo)",
+               "fermata", "invertedfermata", "trill", "trill(", "trill)", "turn", "mordent",
+               "lowermordent", "uppermordent", "pralltriller", "accent", ">", "tenuto",
+               "staccato", "wedge", "marcato", "upbow", "downbow", "open", "snap", "thumb",
+               "arpeggio", "breath", "segno", "coda", "D.C.", "D.S.", "fine", "slide", "emphasis",
+               "0", "1", "2", "3", "4", "5", "+", "plus", "roll", "shortphrase", "mediumphrase",
+               "longphrase", "editorial", "courtesy", "ped", "ped-up", "^", "8va(", "8va)",
+               "8vb(", "8vb)")
+# Content sub-contexts: an open construct of the bar.
+(S_NONE, S_QUOTE, S_DECO, S_GRACE, S_FIELD_KEY, S_FIELD_TEXT, S_FIELD_METER, S_CHORD, S_PAREN,
+ S_TUPLET, S_FIELD_WORD, S_FIELD_TEMPO) = range(12)
+# A note being read: accidentals, its pitch (octave marks may follow), numerator digits, `/`,
+# denominator digits.
+T_IDLE, T_ACC, T_PITCH, T_NUM, T_SLASH, T_DEN = range(6)
+# Barlines as abctoolkit splits them, with a volta number after; one code per spelling.
+_BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", ":||", "||:", ":|]")
+_BARLINE_SYMBOLS = {"|": 1, ":": 2, "]": 3, **{str(d): 4 + d for d in range(1, 10)}}
+_BARLINE_LEN = 4
+# The one-letter decorations abctoolkit skips when it times a bar.
+DECORATION_LETTERS = "TuvMPSO"
+
+
+def _table(chars: str) -> np.ndarray:
+  table = np.zeros(VOCAB, bool)
+  table[[ord(c) for c in chars]] = True
+  return table
+
+
+_PRINTABLE = np.zeros(VOCAB, bool)
+_PRINTABLE[32:127] = True
+# Header text (names, tempo words) also holds tabs and carriage returns in the training data.
+_HEADER_TEXT = _PRINTABLE | _table("\t\r")
+_DIGIT = _table("0123456789")
+_PITCH = _table("ABCDEFGabcdefg")
+_REST = _table("zx")
+_ACCIDENTAL = _table("^_=")
+_OCTAVE = _table("',")
+_DECORATION = _table(DECORATION_LETTERS + ".")
+_SCORE_CHARS = _table(" []{}()|")
+_FIELD_LETTERS = _table("KMQI")
+# Text that abctoolkit might read as a barline (or a field) is kept out of annotations and names.
+_QUOTE_TEXT = _PRINTABLE & ~_table('"|:[]')
+_NAME_TEXT = _HEADER_TEXT & ~_table('"|:[]!%')
+_NAME_KEYS = _table("abcdefghijklmnopqrstuvwxyz= ")
+_INFO_TEXT = _table("abcdefghijklmnopqrstuvwxyz0123456789 ")
+
+
+def _barline_tables() -> tuple[np.ndarray, np.ndarray]:
+  """Whether each code is the prefix of a barline spelling, and whether it is one."""
+  size = 16**_BARLINE_LEN
+  prefix, complete = np.zeros(size, bool), np.zeros(size, bool)
+  spellings = list(_BARLINE_CORES) + [core + str(d) for core in _BARLINE_CORES
+                                       for d in range(1, 10) if len(core) < _BARLINE_LEN]
+  for spelling in spellings:
+    code = 0
+    for ch in spelling:
+      code = code * 16 + _BARLINE_SYMBOLS[ch]
+      prefix[code] = True
+    complete[code] = True
+  return prefix, complete
+
+
+_BAR_PREFIX, _BAR_COMPLETE = _barline_tables()
+
+
+def _trie(words: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """A trie of words as tables: the next node per (node, char) (0: none; node 1 is the root),
+  and whether a node ends a word."""
+  following = [np.zeros(VOCAB, np.int32), np.zeros(VOCAB, np.int32)]
+  final = [False, False]
+  for word in words:
+    node = 1
+    for ch in word:
+      if not following[node][ord(ch)]:
+        following.append(np.zeros(VOCAB, np.int32))
+        final.append(False)
+        following[node][ord(ch)] = len(following) - 1
+      node = following[node][ord(ch)]
+    final[node] = True
+  return np.stack(following), np.array(final)
+
+
+_KEY_NEXT, _KEY_FINAL = _trie(KEYS + CLEFS)
+_CLEF_NEXT, _CLEF_FINAL = _trie(CLEFS)
+_DECO_NEXT, _DECO_FINAL = _trie(DECORATIONS)
+_BAR_SYMBOL = np.zeros(VOCAB, np.int32)
+for _ch, _symbol in _BARLINE_SYMBOLS.items():
+  _BAR_SYMBOL[ord(_ch)] = _symbol
+
+
+def _fixed_tables() -> tuple[np.ndarray, np.ndarray]:
+  width = max(map(len, FIXED))
+  chars = np.zeros((len(FIXED), width), np.int32)
+  for i, text in enumerate(FIXED):
+    chars[i, :len(text)] = [ord(c) for c in text]
+  return chars, np.array([len(text) for text in FIXED], np.int32)
+
+
+_FIXED_CHARS, _FIXED_LEN = _fixed_tables()
+
+
+@flax.struct.dataclass
+class State:
+  """One row's automaton state (int32 / bool scalars; arrays of them for a batch)."""
+  ctx: jax.Array
+  pos: jax.Array  # position in a fixed string, or digits read of a number
+  fixed: jax.Array  # which fixed string
+  after_eos: jax.Array  # the patch started after an eos
+  # Header.
+  rank: jax.Array
+  score_voices: jax.Array  # voices `%%score` names (0: no %%score line)
+  number: jax.Array  # the number being read (voice, meter, unit, marker)
+  voices: jax.Array  # V: lines so far
+  unit_den: jax.Array
+  meter_num: jax.Array
+  meter_den: jax.Array  # 0: free meter
+  meter_part: jax.Array  # 0 numerator, 1 denominator, 2 `C`, 3 `C|` or `none` done, 4 `n..`
+  # Body.
+  line: jax.Array
+  voice: jax.Array  # the current voice number, 0 before the line's first
+  target: jax.Array  # ticks of the line's bars, -1 before the first voice's bar ends
+  left_code: jax.Array  # the line's left barline (first line only), -1 before the first voice
+  bar_code: jax.Array  # the barline being read, or the line's right barline once set
+  right_code: jax.Array  # -1 before the first voice's barline
+  bar_where: jax.Array  # 0 after an eos, 1 inside a patch, 2 at a patch start without eos
+  # A bar's content.
+  acc: jax.Array  # ticks so far
+  started: jax.Array  # anything but inline fields written (no left barline after that)
+  sub: jax.Array
+  tok: jax.Array
+  num: jax.Array
+  den: jax.Array
+  after_note: jax.Array  # a tie or a broken rhythm may follow
+  need_note: jax.Array  # a broken rhythm or a tuplet waits for its note
+  inner: jax.Array  # notes in the open chord or grace group
+  in_chord_note: jax.Array  # a chord note's pitch was read (octave marks or a tie may follow)
+  rest: jax.Array  # the note being read is a rest (no octave marks)
+  tied: jax.Array  # the last note has its tie
+  comments: jax.Array  # `%` lines of the header
+  tuplet: jax.Array  # the (p:q:r field being read, 0..2, and digits as number
+  tp: jax.Array
+  tq: jax.Array
+  tr: jax.Array
+  group_left: jax.Array  # notes of the tuplet group still to come
+  group_sum: jax.Array  # their ticks so far
+  group_p: jax.Array
+  group_q: jax.Array
+  dead: jax.Array
+
+
+def initial() -> State:
+  """The state after the bos patch: a metadata line starts."""
+  i = lambda v: jnp.int32(v)
+  return State(
+      ctx=i(H_LINE), pos=i(0), fixed=i(0), after_eos=jnp.bool_(True), rank=i(R_START),
+      score_voices=i(0), number=i(0), voices=i(0), unit_den=i(8), meter_num=i(4),
+      meter_den=i(4), meter_part=i(0), line=i(0), voice=i(0), target=i(-1), left_code=i(-1),
+      bar_code=i(0), right_code=i(-1), bar_where=i(0), acc=i(0), started=jnp.bool_(False),
+      sub=i(S_NONE), tok=i(T_IDLE), num=i(0), den=i(0), after_note=jnp.bool_(False),
+      need_note=jnp.bool_(False), inner=i(0), in_chord_note=jnp.bool_(False),
+      rest=jnp.bool_(False), tied=jnp.bool_(False), comments=i(0), tuplet=i(0),
+      tp=i(0), tq=i(0), tr=i(0), group_left=i(0), group_sum=i(0), group_p=i(1), group_q=i(1),
+      dead=jnp.bool_(False))
+
+
+def _digits(n: jax.Array) -> jax.Array:
+  return 1 + (n >= 10) + (n >= 100) + (n >= 1000) + (n >= 10000)
+
+
+def _digit_at(n: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th decimal digit of n, from the left."""
+  power = jnp.array([1, 10, 100, 1000, 10000], jnp.int32)[(_digits(n) - 1 - k).clip(0, 4)]
+  return (n // power) % 10
+
+
+def _note_ticks(num: jax.Array, den: jax.Array) -> jax.Array:
+  """Ticks of a length `num/den` units (den a power of two up to 64)."""
+  return num.clip(1) * (TICKS // den.clip(1))
+
+
+def _round_group(total: jax.Array) -> jax.Array:
+  """abctoolkit's rounding of a tuplet group: to the nearest unit when within 1/64 of it."""
+  nearest = ((total + TICKS // 2) // TICKS) * TICKS
+  return jnp.where(jnp.abs(total - nearest) <= MIN_TICKS, nearest, total)
+
+
+class _Next:
+  """The candidate outcome of one character: ok and the fields it changes."""
+
+  def __init__(self, state: State):
+    self.state = state
+    self.ok = jnp.bool_(False)
+
+  def when(self, cond, **changes) -> None:
+    """Where cond holds (and no earlier branch took the character), accept with changes."""
+    take = cond & ~self.ok
+    self.state = self.state.replace(**{
+        k: jnp.where(take, jnp.asarray(v, getattr(self.state, k).dtype), getattr(self.state, k))
+        for k, v in changes.items()})
+    self.ok = self.ok | cond
+
+
+def _bound(s: State) -> jax.Array:
+  """Ticks the current voice's bar may still take."""
+  meter = jnp.where(s.meter_den > 0,
+                    BAR_LIMIT * s.meter_num.clip(1, MAX_NUM) * s.unit_den *
+                    (TICKS // s.meter_den.clip(1)),
+                    FREE_BAR_UNITS * TICKS)
+  return jnp.where(s.target >= 0, s.target, meter) - s.acc
+
+
+def _fits(s: State, ticks: jax.Array) -> jax.Array:
+  """Whether a note of `ticks` fits the bar (inside a tuplet group, scaled by the group)."""
+  in_group = s.group_left > 0
+  grouped = (s.group_sum + ticks) * s.group_q <= _bound(s) * s.group_p
+  return jnp.where(in_group, grouped, ticks <= _bound(s))
+
+
+def _pending_ticks(s: State) -> jax.Array:
+  """The length of the note being read, were it to end here."""
+  den = jnp.where(s.tok == T_SLASH, 2 * jnp.where(s.num > 0, 0, 1), s.den)
+  return _note_ticks(jnp.where(s.num > 0, s.num, 1), jnp.where(s.tok >= T_SLASH, den, 1))
+
+
+def _note_can_end(s: State) -> jax.Array:
+  """A note being read is complete here (`n/` needs its denominator, a partial one its rest)."""
+  den_ok = (s.den == 2) | (s.den == 4) | (s.den == 8) | (s.den == 16) | (s.den == 32) | (
+      s.den == 64)
+  return jnp.select([s.tok == T_IDLE, s.tok == T_ACC, s.tok == T_PITCH, s.tok == T_NUM,
+                     s.tok == T_SLASH], [True, False, True, True, s.num == 0], den_ok)
+
+
+def _commit(s: State) -> tuple[State, jax.Array]:
+  """Ends the note being read: its ticks go to the bar or its tuplet group. (state, ok)."""
+  pending = s.tok != T_IDLE
+  ticks = _pending_ticks(s)
+  in_group = s.group_left > 0
+  group_sum = s.group_sum + ticks
+  closes = in_group & (s.group_left == 1)
+  group_total = _round_group(group_sum * s.group_q // s.group_p)
+  group_ok = ~closes | (group_total <= _bound(s))
+  ok = ~pending | (_note_can_end(s) & _fits(s, ticks) & group_ok)
+  acc = jnp.where(in_group, jnp.where(closes, s.acc + group_total, s.acc), s.acc + ticks)
+  new = s.replace(
+      acc=jnp.where(pending, acc, s.acc),
+      group_sum=jnp.where(pending & in_group, jnp.where(closes, 0, group_sum), s.group_sum),
+      group_left=jnp.where(pending & in_group, s.group_left - 1, s.group_left),
+      tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
+      after_note=s.after_note | pending, need_note=s.need_note & ~pending)
+  return new, ok
+
+
+def _content_complete(s: State) -> jax.Array:
+  """The bar may end here: nothing open, and its length right (after the pending note)."""
+  closed = (s.sub == S_NONE) & ~s.need_note & (s.group_left == 0)
+  # The first voice's bar is a whole number of 1/64 units, which every other voice can fill.
+  length = jnp.where(s.target >= 0, s.acc == s.target, (s.acc > 0) & (s.acc % MIN_TICKS == 0))
+  return closed & length
+
+
+def _min_ticks(num: jax.Array, den_prefix: jax.Array, tok: jax.Array) -> jax.Array:
+  """The shortest length a note being read can still get."""
+  reachable = jnp.select([den_prefix == 1, den_prefix == 3, den_prefix == 6], [16, 32, 64],
+                         den_prefix)
+  den = jnp.where((tok == T_DEN) & (den_prefix > 0), reachable, 64)
+  return _note_ticks(jnp.where(num > 0, num, 1), den)
+
+
+
+def _power_of_two_prefix(n: jax.Array) -> jax.Array:
+  """n is 1 to 64 or the start of 16, 32 or 64."""
+  return (n == 1) | (n == 2) | (n == 3) | (n == 4) | (n == 6) | (n == 8) | (n == 16) | (
+      n == 32) | (n == 64)
+
+
+def _tempo(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Array]:
+  """A tempo `n/d=bpm` up to `end`: (state, ok, ended). `meter_part` is the part being read."""
+  digit = c - ord("0")
+  is_digit = jnp.asarray(_DIGIT)[c]
+  n = _Next(s)
+  part, number = s.meter_part, s.number
+  n.when((part == 0) & is_digit & ((number > 0) | (digit > 0)) & (number < 10),
+         number=number * 10 + digit)
+  n.when((part == 0) & (c == ord("/")) & (number > 0), meter_part=1, number=0)
+  n.when((part == 1) & is_digit & _power_of_two_prefix(number * 10 + digit),
+         number=number * 10 + digit)
+  power_of_two = (number > 0) & (number <= 64) & ((number & (number - 1)) == 0)
+  n.when((part == 1) & (c == ord("=")) & power_of_two, meter_part=2, number=0)
+  n.when((part == 2) & is_digit & ((number > 0) | (digit > 0)) & (number < 100),
+         number=number * 10 + digit)
+  ended = (part == 2) & (c == end) & (number > 0)
+  n.when(ended, meter_part=0, number=0)
+  return n.state, n.ok, ended
+
+
+def _word(s: State, c: jax.Array, at_end: jax.Array, following: np.ndarray,
+          final: np.ndarray) -> tuple[State, jax.Array, jax.Array]:
+  """A word of a trie, ended by a char where `at_end`; its node in `pos` (0 counts as the root):
+  (state, ok, ended)."""
+  node = jnp.where(s.pos == 0, 1, s.pos)
+  nxt = jnp.asarray(following)[node, c]
+  ended = at_end & jnp.asarray(final)[node]
+  n = _Next(s)
+  n.when(nxt > 0, pos=nxt)
+  n.when(ended, pos=0)
+  return n.state, n.ok, ended
+
+
+def _meter(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Array]:
+  """A meter's characters (`n/d`, `C`, `C|`, `none`) up to `end`: (state, ok, ended)."""
+  digit = c - ord("0")
+  is_digit = jnp.asarray(_DIGIT)[c]
+  n = _Next(s)
+  part, number = s.meter_part, s.number
+  n.when((part == 0) & is_digit & ((number > 0) | (digit > 0)) & (s.pos < 2),
+         number=number * 10 + digit, pos=s.pos + 1)
+  n.when((part == 0) & (c == ord("/")) & (number > 0), meter_part=1, meter_num=number, number=0,
+         pos=0)
+  n.when((part == 1) & is_digit & _power_of_two_prefix(number * 10 + digit),
+         number=number * 10 + digit, pos=s.pos + 1)
+  n.when((part == 0) & (s.pos == 0) & (c == ord("C")), meter_part=2)
+  n.when((part == 2) & (c == ord("|")), meter_part=3)
+  n.when((part == 0) & (s.pos == 0) & (c == ord("n")), meter_part=4, pos=1)
+  none_char = jnp.asarray(np.array([ord(ch) for ch in "none"], np.int32))[s.pos.clip(0, 3)]
+  n.when((part == 4) & (s.pos < 4) & (c == none_char), pos=s.pos + 1)
+  power_of_two = (number > 0) & (number <= 64) & ((number & (number - 1)) == 0)
+  at_end = c == end
+  n.when(at_end & (part == 1) & power_of_two, meter_den=number, pos=0)
+  n.when(at_end & (part == 2), meter_num=4, meter_den=4, pos=0)
+  n.when(at_end & (part == 3), meter_num=2, meter_den=2, pos=0)
+  n.when(at_end & (part == 4) & (s.pos == 4), meter_den=0, pos=0)
+  return n.state, n.ok, at_end & n.ok
+
+
+def _reset_bar(s: State, **changes) -> State:
+  return s.replace(acc=jnp.int32(0), started=jnp.bool_(False), sub=jnp.int32(S_NONE),
+                   tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
+                   after_note=jnp.bool_(False), need_note=jnp.bool_(False), inner=jnp.int32(0),
+                   in_chord_note=jnp.bool_(False), rest=jnp.bool_(False), tied=jnp.bool_(False),
+                   group_left=jnp.int32(0), group_sum=jnp.int32(0), **changes)
+
+
+def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """Metadata contexts: line starts, fixed keys, `%%score`, `L:`, `M:`, free text, `V:`."""
+  del t  # metadata lines always start a patch
+  cls = lambda table: jnp.asarray(table)[c]
+  digit = c - ord("0")
+  n = _Next(s)
+  line = s.ctx == H_LINE
+  rank = s.rank
+  fixed = lambda which, pos=1, **kw: dict(ctx=H_FIXED, fixed=which, pos=pos, **kw)
+  n.when(line & (c == ord("%")) & (rank == R_START), ctx=H_PERCENT)
+  n.when(line & (c == ord("L")) & (rank < R_UNIT), **fixed(F_UNIT, rank=R_UNIT, pos=0))
+  n.when(line & (c == ord("Q")) & (rank == R_UNIT), **fixed(F_TEMPO, rank=R_TEMPO, pos=0))
+  n.when(line & (c == ord("M")) & ((rank == R_UNIT) | (rank == R_TEMPO)),
+         **fixed(F_METER, rank=R_METER, pos=0))
+  n.when(line & (c == ord("K")) & (rank == R_METER), **fixed(F_KEY, rank=R_KEY, pos=0))
+  more_voices = (s.score_voices == 0) | (s.voices < s.score_voices)
+  n.when(line & (c == ord("V")) & (rank >= R_KEY) & more_voices,
+         **fixed(F_VOICE, rank=R_VOICES, pos=0))
+  n.when(line & (c == ord("I")) & (rank >= R_UNIT) & (s.comments < 2 * MAX_COMMENTS),
+         **fixed(F_INFO, pos=0, comments=2 * MAX_COMMENTS))
+  voices_done = (rank == R_VOICES) & ((s.score_voices == 0) | (s.voices == s.score_voices))
+  n.when(line & (c == ord("[")) & voices_done,
+         ctx=B_FIXED, fixed=F_MARKER, pos=1, voice=0, target=-1, right_code=-1, left_code=-1)
+  # `%%score` or a comment.
+  percent = s.ctx == H_PERCENT
+  n.when(percent & (c == ord("%")) & (rank == R_START), **fixed(F_SCORE, rank=R_SCORE))
+  more = s.comments < MAX_COMMENTS
+  n.when(percent & more & (c == ord("\n")), ctx=EOL, comments=s.comments + 1)
+  n.when(percent & more & cls(_PRINTABLE), ctx=H_TEXT, comments=s.comments + 1)
+  # Fixed strings (header keys; the body's `[r:` and `[V:` share the logic).
+  in_fixed = (s.ctx == H_FIXED) | (s.ctx == B_FIXED)
+  expected = jnp.asarray(_FIXED_CHARS)[s.fixed, s.pos.clip(0, _FIXED_CHARS.shape[1] - 1)]
+  last = s.pos + 1 == jnp.asarray(_FIXED_LEN)[s.fixed]
+  n.when(in_fixed & (c == expected) & last, ctx=jnp.asarray(_FIXED_NEXT)[s.fixed], pos=0,
+         number=0, meter_part=0)
+  n.when(in_fixed & (c == expected), pos=s.pos + 1)
+  # `%%score`: voice numbers 1, 2, ... in order, with brackets, braces and bars around them.
+  score = s.ctx == H_SCORE
+  closes_number = (s.number == 0) | (s.number == s.score_voices + 1)
+  closed = jnp.where(s.number > 0, s.score_voices + 1, s.score_voices)
+  n.when(score & cls(_DIGIT) & ((s.number > 0) | (digit > 0)) & (s.number < 100),
+         number=s.number * 10 + digit)
+  n.when(score & cls(_SCORE_CHARS) & closes_number, number=0, score_voices=closed)
+  n.when(score & (c == ord("\n")) & closes_number & (closed > 0), number=0, score_voices=closed,
+         ctx=EOL)
+  # `L:1/d`.
+  unit = s.ctx == H_UNIT
+  unit2 = s.number * 10 + digit
+  n.when(unit & cls(_DIGIT) & ((unit2 == 1) | (unit2 == 2) | (unit2 == 3) | (unit2 == 4) |
+                               (unit2 == 8) | (unit2 == 16) | (unit2 == 32)), number=unit2)
+  n.when(unit & (c == ord("\n")) & ((s.number == 2) | (s.number == 4) | (s.number == 8) |
+                                     (s.number == 16) | (s.number == 32)),
+         unit_den=s.number, ctx=EOL)
+  # `M:`.
+  metered, meter_ok, meter_end = _meter(s, c, ord("\n"))
+  n.when((s.ctx == H_METER) & meter_ok,
+         **{k: getattr(metered, k) for k in ("number", "pos", "meter_part", "meter_num",
+                                             "meter_den")},
+         ctx=jnp.where(meter_end, EOL, H_METER))
+  # `Q:n/d=bpm`.
+  tempo, tempo_ok, tempo_end = _tempo(s, c, ord("\n"))
+  n.when((s.ctx == H_TEMPO) & tempo_ok, number=tempo.number, meter_part=tempo.meter_part,
+         ctx=jnp.where(tempo_end, EOL, H_TEMPO))
+  # `K:` a key (or a clef).
+  key, key_ok, key_end = _word(s, c, c == ord("\n"), _KEY_NEXT, _KEY_FINAL)
+  n.when((s.ctx == H_KEY) & key_ok, pos=key.pos, ctx=jnp.where(key_end, EOL, H_KEY))
+  # A comment's text, or an `I:` instruction's.
+  text = s.ctx == H_TEXT
+  n.when(text & (c == ord("\n")), ctx=EOL)
+  n.when(text & cls(_HEADER_TEXT))
+  info = s.ctx == H_INFO
+  n.when(info & (c == ord("\n")) & (s.pos > 0), ctx=EOL, pos=0)
+  n.when(info & cls(_INFO_TEXT), pos=1)
+  # A voice's clef, then its names (`nm="..." snm="..."`, quotes closed).
+  clef, clef_ok, clef_end = _word(s, c, (c == ord(" ")) | (c == ord("\n")), _CLEF_NEXT,
+                                  _CLEF_FINAL)
+  n.when((s.ctx == H_CLEF) & clef_ok, pos=clef.pos,
+         ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0)
+  names = s.ctx == H_NAMES
+  n.when(names & (c == ord("\n")) & (s.inner == 0), ctx=EOL)
+  n.when(names & (c == ord('"')), inner=1 - s.inner)
+  n.when(names & (s.inner == 1) & cls(_NAME_TEXT))
+  n.when(names & (s.inner == 0) & cls(_NAME_KEYS))
+  # `V:n`: the next voice number, then its name and clef.
+  voice = s.ctx == H_VOICE
+  wanted = s.voices + 1
+  n.when(voice & cls(_DIGIT) & (s.pos < _digits(wanted)) & (digit == _digit_at(wanted, s.pos)),
+         pos=s.pos + 1)
+  complete = voice & (s.pos == _digits(wanted))
+  n.when(complete & (c == ord(" ")), voices=wanted, ctx=H_CLEF, pos=0)
+  n.when(complete & (c == ord("\n")), voices=wanted, ctx=EOL, pos=0)
+  return n.state, n.ok
+
+
+def _line_end(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """After a line's `\\n`: eos closes its patch, unless the patch is full."""
+  start = jnp.where(s.line > 0, B_LINE, H_LINE)
+  at_start = s.replace(ctx=start)
+  header, header_ok = _header(at_start, c, t)
+  body, body_ok = _body_start(at_start, c, t)
+  full = jnp.where(s.line > 0, body_ok, header_ok)
+  next_state = jax.tree.map(lambda a, b: jnp.where(s.line > 0, a, b), body, header)
+  eos = (c == tokenizer.EOS) & (t > 0)
+  state = jax.tree.map(lambda a, b: jnp.where(t == 0, a, b), next_state, at_start)
+  return state, jnp.where(t == 0, full, eos)
+
+
+def _body_start(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """A body line's start: `[r:` or, after a complete line, the bos-eos end."""
+  del t
+  n = _Next(s)
+  n.when(c == ord("["), ctx=B_FIXED, fixed=F_MARKER, pos=1)
+  n.when((c == tokenizer.BOS) & (s.line > 0), ctx=END)
+  return n.state, n.ok
+
+
+def _marker_and_voice(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """`[r:i/j]` with i the line's index, and `[V:n]` with n a later voice of the header."""
+  del t
+  cls = lambda table: jnp.asarray(table)[c]
+  digit = c - ord("0")
+  n = _Next(s)
+  index = s.ctx == B_INDEX
+  n.when(index & cls(_DIGIT) & (s.pos < _digits(s.line)) & (digit == _digit_at(s.line, s.pos)),
+         pos=s.pos + 1)
+  n.when(index & (c == ord("/")) & (s.pos == _digits(s.line)), ctx=B_REMAIN, pos=0, number=0)
+  remain = s.ctx == B_REMAIN
+  n.when(remain & cls(_DIGIT) & (s.pos == 0), pos=1, number=digit)
+  n.when(remain & cls(_DIGIT) & (s.number > 0) & (s.pos < 4), pos=s.pos + 1,
+         number=s.number * 10 + digit)
+  n.when(remain & (c == ord("]")) & (s.pos > 0), ctx=B_FIXED, fixed=F_VTAG, pos=0)
+  voice = s.ctx == B_VOICE
+  number = s.number * 10 + digit
+  can_be = ((number > s.voice) & (number <= s.voices)) | (
+      (number * 10 <= s.voices) & (number * 10 + 9 > s.voice))
+  n.when(voice & cls(_DIGIT) & (number > 0) & can_be, number=number)
+  bar = _reset_bar(s, ctx=jnp.int32(CONTENT), voice=s.number, number=jnp.int32(0))
+  n.when(voice & (c == ord("]")) & (s.number > s.voice) & (s.number <= s.voices),
+         **{k: getattr(bar, k) for k in ("ctx", "voice", "number", "acc", "started", "sub", "tok",
+                                         "num", "den", "after_note", "need_note", "inner",
+                                         "in_chord_note", "rest", "tied", "group_left",
+                                         "group_sum")})
+  return n.state, n.ok
+
+
+def _select(cond: jax.Array, a: State, b: State) -> State:
+  return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """A character of a voice's bar: open constructs first, then the note being read, then a new
+  element, the bar's end (eos or barline) included."""
+  cls = lambda table: jnp.asarray(table)[c]
+  digit = c - ord("0")
+  n = _Next(s)
+  # 1. Inside an open construct.
+  sub = s.sub
+  n.when((sub == S_QUOTE) & (c == ord('"')), sub=S_NONE)
+  n.when((sub == S_QUOTE) & cls(_QUOTE_TEXT))
+  deco, deco_ok, deco_end = _word(s, c, c == ord("!"), _DECO_NEXT, _DECO_FINAL)
+  n.when((sub == S_DECO) & deco_ok, pos=deco.pos, sub=jnp.where(deco_end, S_NONE, S_DECO))
+  # Grace notes: `{`, an optional `/`, then notes (accidentals, pitch, octave marks, length).
+  grace = sub == S_GRACE
+  # (`num` counts a grace note's accidentals, `pos` marks the leading `/`.)
+  grace = sub == S_GRACE
+  n.when(grace & (c == ord("}")) & (s.inner > 0) & (s.num == 0), sub=S_NONE, inner=0,
+         in_chord_note=False, pos=0)
+  n.when(grace & cls(_PITCH), inner=1, in_chord_note=True, num=0)
+  n.when(grace & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num < 2), num=s.num + 1)
+  n.when(grace & (cls(_OCTAVE) | cls(_DIGIT) | (c == ord("/")) | (c == ord("-"))) &
+         s.in_chord_note)
+  n.when(grace & (c == ord("/")) & (s.inner == 0) & (s.pos == 0) & (s.num == 0), pos=1)
+  n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1)
+  field_sub = jnp.select([s.fixed == ord("M"), s.fixed == ord("K"), s.fixed == ord("Q")],
+                         [S_FIELD_METER, S_FIELD_WORD, S_FIELD_TEMPO], S_FIELD_TEXT)
+  n.when((sub == S_FIELD_KEY) & (s.fixed > 0) & (c == ord(":")), sub=field_sub, meter_part=0,
+         number=0, pos=0)
+  word, word_ok, word_end = _word(s, c, c == ord("]"), _KEY_NEXT, _KEY_FINAL)
+  n.when((sub == S_FIELD_WORD) & word_ok, pos=word.pos,
+         sub=jnp.where(word_end, S_NONE, S_FIELD_WORD))
+  tempo, tempo_ok, tempo_end = _tempo(s, c, ord("]"))
+  n.when((sub == S_FIELD_TEMPO) & tempo_ok, number=tempo.number, meter_part=tempo.meter_part,
+         sub=jnp.where(tempo_end, S_NONE, S_FIELD_TEMPO))
+  metered, meter_ok, meter_end = _meter(s, c, ord("]"))
+  n.when((sub == S_FIELD_METER) & meter_ok,
+         **{k: getattr(metered, k) for k in ("number", "pos", "meter_part", "meter_num",
+                                             "meter_den")},
+         sub=jnp.where(meter_end, S_NONE, S_FIELD_METER))
+  n.when((sub == S_FIELD_TEXT) & (c == ord("]")) & (s.pos > 0), sub=S_NONE, pos=0)
+  n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT), pos=1)
+  chord = sub == S_CHORD
+  n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note)
+  n.when(chord & cls(_PITCH), inner=s.inner + 1, in_chord_note=True)
+  n.when(chord & (cls(_OCTAVE) | (c == ord("-"))) & s.in_chord_note)
+  n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False)
+  # A chord is one note: its length follows the `]`.
+  n.when(chord & (c == ord("]")) & (s.inner > 0) & _fits(s, MIN_TICKS), sub=S_NONE, inner=0,
+         in_chord_note=False, tok=T_PITCH, rest=True)
+  # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
+  bracket = sub == S_FIELD_KEY
+  n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS), fixed=c)
+  n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _fits(s, MIN_TICKS),
+         sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH),
+         started=True)
+  # Tuplet specs: `(3`, or `(p:q:r` with single digits.
+  tup = sub == S_TUPLET
+  field_value = jnp.stack([s.tp, s.tq, s.tr])[s.tuplet.clip(0, 2)]
+  n.when(tup & (c == ord(":")) & (s.tuplet < 2) & (field_value > 0), tuplet=s.tuplet + 1)
+  n.when(tup & cls(_DIGIT) & (digit > 0) & (field_value == 0),
+         tq=jnp.where(s.tuplet == 1, digit, s.tq), tr=jnp.where(s.tuplet == 2, digit, s.tr))
+  n.when((sub == S_PAREN) & cls(_DIGIT) & (digit > 0) & (s.group_left == 0),
+         sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
+  # The spec ends at its first other character; `(` without a digit opens a slur.
+  spec_done = tup & ~n.ok & (((s.tuplet == 0) & (s.tp == 3)) | ((s.tuplet == 2) & (s.tr > 0)))
+  free = ~n.ok & ((sub == S_NONE) | spec_done | (sub == S_PAREN))
+  s = s.replace(
+      sub=jnp.where(free, S_NONE, s.sub),
+      group_left=jnp.where(spec_done, jnp.where(s.tuplet == 0, 3, s.tr), s.group_left),
+      group_p=jnp.where(spec_done, s.tp, s.group_p),
+      group_q=jnp.where(spec_done, jnp.where(s.tuplet == 0, 2, s.tq), s.group_q),
+      group_sum=jnp.where(spec_done, 0, s.group_sum), need_note=s.need_note | spec_done)
+  n.state = _select(free, s, n.state)
+  # 2. The note being read takes length characters.
+  reading = free & (s.tok != T_IDLE)
+  fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok))
+  n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
+  n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False)
+  n.when(reading & cls(_OCTAVE) & (s.tok == T_PITCH) & ~s.rest)
+  num2 = s.num * 10 + digit
+  n.when(reading & cls(_DIGIT) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) & (num2 > 0) &
+         (num2 <= MAX_NUM) & fits_min(num2, jnp.int32(0), jnp.int32(T_NUM)), tok=T_NUM,
+         num=num2)
+  n.when(reading & (c == ord("/")) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) &
+         fits_min(s.num, jnp.int32(0), jnp.int32(T_SLASH)), tok=T_SLASH)
+  den2 = jnp.where(s.tok == T_SLASH, digit, s.den * 10 + digit)
+  den_prefix = (den2 == 1) | (den2 == 2) | (den2 == 3) | (den2 == 4) | (den2 == 6) | (
+      den2 == 8) | (den2 == 16) | (den2 == 32) | (den2 == 64)
+  n.when(reading & cls(_DIGIT) & ((s.tok == T_SLASH) | (s.tok == T_DEN)) & den_prefix &
+         fits_min(s.num, den2, jnp.int32(T_DEN)), tok=T_DEN, den=den2)
+  # 3. Anything else first ends the note being read, then starts an element or ends the bar.
+  committed, commit_ok = _commit(s)
+  free = free & ~n.ok & commit_ok
+  s = committed
+  n.state = _select(free, s, n.state)
+  note_ok = free & ~(s.after_note & (s.group_left > 0) & False) & _fits(s, MIN_TICKS)
+  n.when(note_ok & (cls(_PITCH) | cls(_REST)), tok=T_PITCH, rest=cls(_REST), after_note=False,
+         tied=False, started=True)
+  n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False, started=True)
+  n.when(free & (c == ord("[")), sub=S_FIELD_KEY, fixed=0, after_note=False)
+  n.when(free & (c == ord("(")), sub=S_PAREN, after_note=False, started=True)
+  n.when(free & (c == ord(")")))
+  n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
+  n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0),
+         after_note=False, need_note=True)
+  n.when(free & (c == ord(" ")), after_note=False)
+  n.when(free & (c == ord('"')), sub=S_QUOTE, after_note=False)
+  n.when(free & (c == ord("!")), sub=S_DECO, pos=0, after_note=False)
+  n.when(free & (c == ord("{")) & ~s.need_note, sub=S_GRACE, inner=0, pos=0, num=0,
+         in_chord_note=False, after_note=False)
+  n.when(free & cls(_DECORATION), after_note=False)
+  # The bar ends: an eos before the barline that opens the next voice's patch, or the barline.
+  complete = free & _content_complete(s)
+  target = jnp.where(s.target >= 0, s.target, s.acc)
+  ends = dict(target=target, after_note=False)
+  n.when(complete & (c == tokenizer.EOS) & (t > 0) & (s.voice < s.voices),
+         ctx=BARLINE, bar_code=0, bar_where=0, **ends)
+  symbol = jnp.asarray(_BAR_SYMBOL)[c]
+  n.when(complete & (symbol > 0) & (symbol <= 2) & (t > 0), ctx=BARLINE, bar_code=symbol,
+         bar_where=1, **ends)
+  n.when(complete & (symbol > 0) & (symbol <= 2) & (t == 0), ctx=BARLINE, bar_code=symbol,
+         bar_where=2, **ends)
+  return n.state, n.ok
+
+
+def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """A barline and its volta number, then the next voice's `[V:` or the line's `\\n`."""
+  del t
+  n = _Next(s)
+  symbol = jnp.asarray(_BAR_SYMBOL)[c]
+  code = s.bar_code * 16 + symbol
+  n.when((symbol > 0) & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
+         jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)], bar_code=code)
+  # The barline is complete: every voice of a line closes with the same one.
+  ended = ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
+      (s.right_code < 0) | (s.right_code == s.bar_code))
+  next_voice = ended & (c == ord("[")) & (s.bar_where != 1) & (s.voice < s.voices)
+  n.when(next_voice, ctx=B_FIXED, fixed=F_VTAG, pos=1, right_code=s.bar_code, number=0)
+  n.when(ended & (c == ord("\n")) & (s.bar_where != 0), ctx=EOL, line=s.line + 1, voice=0,
+         target=-1, right_code=-1)
+  return n.state, n.ok
+
+
+def _end(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  del t
+  return s.replace(ctx=jnp.int32(DONE)), c == tokenizer.EOS
+
+
+def _done(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  del c, t
+  return s, jnp.bool_(True)
+
+
+_HANDLERS = {
+    H_LINE: _header, H_PERCENT: _header, H_FIXED: _header, H_SCORE: _header, H_UNIT: _header,
+    H_METER: _header, H_TEXT: _header, H_VOICE: _header, H_KEY: _header, H_TEMPO: _header,
+    H_CLEF: _header, H_NAMES: _header, H_INFO: _header, EOL: _line_end, B_LINE: _body_start,
+    B_FIXED: _header, B_INDEX: _marker_and_voice, B_REMAIN: _marker_and_voice,
+    B_VOICE: _marker_and_voice, CONTENT: _content, BARLINE: _barline, END: _end, DONE: _done,
+}
+
+
+def step(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+  """One character c at position t of its patch: (the next state, whether c is admissible)."""
+  handlers = sorted(set(_HANDLERS.values()), key=lambda f: f.__name__)
+  outcomes = [handler(s, c, t) for handler in handlers]
+  which = jnp.asarray(np.array([handlers.index(_HANDLERS[ctx]) for ctx in range(len(_HANDLERS))],
+                               np.int32))[s.ctx]
+  state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
+  ok = jnp.stack([o[1] for o in outcomes])[which] & ~s.dead
+  return state.replace(after_eos=c == tokenizer.EOS), ok
+
+
+def admissible(states: State, t: jax.Array) -> tuple[State, jax.Array]:
+  """For a batch of states [B] at patch position t: every character's next state [B, V] and
+  whether it is admissible [B, V]."""
+  chars = jnp.arange(VOCAB, dtype=jnp.int32)
+  per_row = lambda s: jax.vmap(step, (None, 0, None))(s, chars, t)
+  return jax.vmap(per_row)(states)
+
+
+def batch(states: list[State]) -> State:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@jax.jit
+def _advance(s: State, chars: jax.Array, positions: jax.Array,
+             real: jax.Array) -> tuple[State, jax.Array]:
+  def body(s, x):
+    c, t, keep = x
+    new, ok = step(s, c, t)
+    return _select(keep, new, s), jnp.where(keep, ok, True)
+  return jax.lax.scan(body, s, (chars, positions, real))
+
+
+def advance(s: State, patches: np.ndarray, prefix: np.ndarray) -> State:
+  """The state after whole patches [n, P] (the bos patch first) and an open patch's prefix.
+
+  Raises ValueError naming the first character the automaton does not admit.
+  """
+  chars, positions = patch_chars(patches[1:])  # the bos patch is where `initial` stands
+  chars += [int(c) for c in prefix]
+  positions += list(range(len(prefix)))
+  size = max(64, 1 << (len(chars) - 1).bit_length()) if chars else 64
+  padded = lambda xs: np.asarray(xs + [0] * (size - len(xs)), np.int32)
+  real = np.arange(size) < len(chars)
+  state, ok = _advance(s, jnp.asarray(padded(chars)), jnp.asarray(padded(positions)),
+                       jnp.asarray(real))
+  ok = np.asarray(ok)
+  if not ok.all():
+    i = int(np.argmin(ok))
+    text = "".join(chr(c) if c > 2 else "." for c in chars)
+    raise ValueError(f"not well-formed at character {i}: {text[max(0, i - 40):i]!r} then "
+                     f"{text[i]!r}")
+  return state
+
+
+def patch_chars(patches: np.ndarray) -> tuple[list[int], list[int]]:
+  """The characters of patches [n, P] as the automaton reads them, with their patch positions:
+  each patch up to its eos."""
+  chars, positions = [], []
+  for patch in patches:
+    for t, c in enumerate(patch):
+      chars.append(int(c))
+      positions.append(t)
+      if c == tokenizer.EOS:
+        break
+  return chars, positions
+
+
+_advance_rows = jax.jit(jax.vmap(_advance))
+
+
+def first_rejections(pieces: list[list[list[int]]]) -> list[int | None]:
+  """For pieces given as patches (lists of ids, the bos patch first), the index of the first character
+  the automaton does not admit in each (None: admitted), all rows at once."""
+  rows = [patch_chars(patches[1:]) for patches in pieces]
+  size = 1 << (max(len(chars) for chars, _ in rows) - 1).bit_length()
+  chars = np.zeros((len(rows), size), np.int32)
+  positions = np.zeros_like(chars)
+  for i, (row_chars, row_positions) in enumerate(rows):
+    chars[i, :len(row_chars)], positions[i, :len(row_chars)] = row_chars, row_positions
+  real = np.arange(size)[None] < np.array([len(c) for c, _ in rows])[:, None]
+  _, ok = _advance_rows(batch([initial()] * len(rows)), jnp.asarray(chars),
+                        jnp.asarray(positions), jnp.asarray(real))
+  ok = np.asarray(ok)
+  return [None if row.all() else int(np.argmin(row)) for row in ok]

@@ -1,0 +1,140 @@
+"""Constrained decoding: real prepared pieces are admitted, malformed ones are not, and what a
+random model writes under the constraint is well-formed ABC that abctoolkit finds aligned."""
+
+import json
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from abctoolkit.check import check_alignment_unrotated
+from abctoolkit.rotate import unrotate_abc
+
+from notagen_jax import constraint
+from notagen_jax import generation
+from notagen_jax import model as model_lib
+from notagen_jax import sampling
+from notagen_jax.data import abc
+from notagen_jax.data import tokenizer
+
+PATCHILIZER = tokenizer.Patchilizer(patch_size=16, patch_length=100_000)
+PROMPT = "%Baroque\n%Bach, Johann Sebastian\n%Choral\n"
+HEADER = ('%%score [ 1 | 2 ]\nL:1/8\nQ:1/4=76\nM:3/4\nK:Eb\nV:1 treble nm="S"\n'
+          'V:2 bass nm="B"\n')
+
+
+def training_form(prompt: str, interleaved: str) -> str:
+  """A prepared piece as the model is trained on it: prompt lines, stream markers."""
+  lines = [line + "\n" for line in interleaved.split("\n") if line]
+  split = next(i for i, line in enumerate(lines) if "[V:" in line)
+  body = lines[split:]
+  marked = [f"[r:{i}/{len(body) - 1 - i}]{line}" for i, line in enumerate(body)]
+  return prompt + "".join(lines[:split]) + "".join(marked)
+
+
+def rejection(text: str) -> int | None:
+  return constraint.first_rejections([PATCHILIZER.encode_generate(text)])[0]
+
+
+def test_admits_a_written_piece_and_rejects_each_malformation():
+  good = PROMPT + HEADER + (
+      "[r:0/2][V:1]B2|[V:2]E2|\n"
+      "[r:1/1][V:1](3cBA G2 !fermata!F>E|[V:2][E,B,]2 {A,}G,2 C2|\n"
+      "[r:2/0][V:1]\"^rit.\" E4-E2|][V:2]E,6|]\n")
+  assert rejection(good) is None
+  bad = {
+      "voice too short": good.replace("[V:2]E,6|]", "[V:2]E,4|]"),
+      "voices out of order": good.replace("[V:1]B2|[V:2]E2|", "[V:2]E2|[V:1]B2|"),
+      "undeclared voice": good.replace("[V:2]E,6|]", "[V:3]E,6|]"),
+      "line index": good.replace("[r:1/1]", "[r:2/1]"),
+      "barlines differ": good.replace("[V:2]E,6|]", "[V:2]E,6|"),
+      "unclosed chord": good.replace("[E,B,]2", "[E,B,2"),
+      "tuplet short of its notes": good.replace("(3cBA G2", "(3cB A2G2"),
+      "header order": good.replace("L:1/8\nQ:1/4=76\n", "Q:1/4=76\nL:1/8\n"),
+      "voice twice": good.replace("[V:2]E2|\n", "[V:2]E2|[V:2]E2|\n"),
+  }
+  for name, text in bad.items():
+    assert text != good, name
+    assert rejection(text) is not None, name
+
+
+def test_prepared_chorales_in_every_key_are_admitted(corpus_shards):
+  prepared = next(p for p in corpus_shards.parents if (p / "prepared").is_dir()) / "prepared"
+  pieces = []
+  for path in sorted((prepared / "pieces").glob("*/*.json")):
+    record = json.loads(path.read_text())
+    for text in record["augmented"].values():
+      pieces.append(PATCHILIZER.encode_generate(
+          training_form(record["prompt"], text)))
+  assert len(pieces) >= 150
+  rejected = [i for i, at in enumerate(constraint.first_rejections(pieces)) if at is not None]
+  assert not rejected
+
+
+def _check_well_formed(text: str) -> None:
+  """Un-reduces, abctoolkit finds every voice's barlines, bar count and durations equal, and
+  abc2xml converts it."""
+  unreduced = generation.readable(text)
+  assert all(check_alignment_unrotated(unrotate_abc(unreduced.splitlines(keepends=True)))), (
+      unreduced)
+  abc.to_musicxml(unreduced)
+
+
+_admissible = jax.jit(lambda s, t: constraint.admissible(constraint.batch([s]), t))
+
+
+@hypothesis.settings(max_examples=5, deadline=None,
+                     phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate))
+@hypothesis.given(seed=st.integers(0, 2**31 - 1))
+def test_random_walks_through_the_automaton_are_well_formed(seed):
+  """Random logits: each char drawn uniformly among the admitted ones."""
+  rng = np.random.default_rng(seed)
+  state, t, chars = constraint.initial(), 0, []
+  for _ in range(1500):
+    following, admitted = _admissible(state, jnp.int32(t))
+    choices = np.flatnonzero(np.asarray(admitted[0]))
+    if not len(choices):
+      break
+    c = int(rng.choice(choices))
+    state = jax.tree.map(lambda a: a[0, c], following)  # pylint: disable=cell-var-from-loop
+    if int(state.ctx) == constraint.DONE:
+      break
+    chars.append(c)
+    t = 0 if c == tokenizer.EOS or t == 15 else t + 1
+  text = "".join(chr(c) for c in chars if c > tokenizer.EOS)
+  text = text[:text.rfind("\n") + 1]  # as the sampler cuts a piece it stops
+  hypothesis.assume("[r:" in text)
+  _check_well_formed(text)
+
+
+def test_a_random_model_writes_well_formed_pieces():
+  model = model_lib.create(model_lib.config_for((256, 1, 1, 64)))
+  settings = sampling.Settings(constrained=True, max_patches=100)
+  results = sampling.Sampler(model, settings, batch=8).run([PROMPT] * 8, seed=3)
+  written = [r for r in results if "[r:" in r.text]
+  assert len(written) >= 4
+  for result in written:
+    assert result.text.startswith(PROMPT) and result.text.endswith("\n")
+    _check_well_formed(result.text)
+
+
+def test_unconstrained_sampling_draws_as_before():
+  """The constraint is off by default, and off it leaves the draws alone."""
+  assert not sampling.Settings().constrained
+  model = model_lib.create(model_lib.config_for((64, 1, 1, 64)))
+  settings = sampling.Settings(max_patches=6)
+  first = sampling.Sampler(model, settings, batch=2).run([PROMPT] * 2, seed=1)
+  again = sampling.Sampler(model, settings, batch=1).run([PROMPT] * 2, seed=1)
+  assert [r.text for r in first] == [r.text for r in again]
+
+
+@pytest.mark.parametrize("prompt", [PROMPT + "L:1/8\nM:4/4\nK:C\nV:1\n[r:0/1][V:1]c2"])
+def test_a_prompt_ending_inside_a_bar_is_continued_well_formed(prompt):
+  model = model_lib.create(model_lib.config_for((128, 1, 1, 64)))
+  settings = sampling.Settings(constrained=True, max_patches=40)
+  result = sampling.Sampler(model, settings, batch=2).run([prompt], seed=0)[0]
+  assert result.text.startswith(prompt)
+  if result.text.count("\n") > prompt.count("\n"):
+    _check_well_formed(result.text)
