@@ -28,6 +28,9 @@ it over a prompt on the host side to start a row.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -65,6 +68,8 @@ KEYS = tuple(f"{tonic}{accidental}{mode}" for tonic in "ABCDEFG" for accidental 
 CLEFS = ("treble", "bass", "alto", "tenor", "treble-8", "bass-8", "treble+8", "bass+8", "perc",
          "baritone", "mezzosoprano", "soprano", "none")
 MAX_COMMENTS = 3  # the prompt's period, composer and instrumentation
+# Annotations, voice names and instructions: preparation drops annotations longer than this.
+MAX_TEXT = 40
 # `!...!` decorations: those abc2xml reads (dynamics, hairpins, articulations, ornaments).
 DECORATIONS = ("pppp", "ppp", "pp", "p", "mp", "mf", "f", "ff", "fff", "ffff", "sfz", "sf", "fp",
                "<(", "<)", ">(", ">)", "crescendo(", "crescendo)", "diminuendo(", "diminuendo)",
@@ -206,6 +211,7 @@ class State:
   rest: jax.Array  # the note being read is a rest (no octave marks)
   tied: jax.Array  # the last note has its tie
   comments: jax.Array  # `%` lines of the header
+  forced_at: jax.Array  # characters of a fixed header field written
   tuplet: jax.Array  # the (p:q:r field being read, 0..2, and digits as number
   tp: jax.Array
   tq: jax.Array
@@ -227,7 +233,7 @@ def initial() -> State:
       bar_code=i(0), right_code=i(-1), bar_where=i(0), acc=i(0), started=jnp.bool_(False),
       sub=i(S_NONE), tok=i(T_IDLE), num=i(0), den=i(0), after_note=jnp.bool_(False),
       need_note=jnp.bool_(False), inner=i(0), in_chord_note=jnp.bool_(False),
-      rest=jnp.bool_(False), tied=jnp.bool_(False), comments=i(0), tuplet=i(0),
+      rest=jnp.bool_(False), tied=jnp.bool_(False), comments=i(0), forced_at=i(0), tuplet=i(0),
       tp=i(0), tq=i(0), tr=i(0), group_left=i(0), group_sum=i(0), group_p=i(1), group_q=i(1),
       dead=jnp.bool_(False))
 
@@ -481,7 +487,7 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(text & cls(_HEADER_TEXT))
   info = s.ctx == H_INFO
   n.when(info & (c == ord("\n")) & (s.pos > 0), ctx=EOL, pos=0)
-  n.when(info & cls(_INFO_TEXT), pos=1)
+  n.when(info & cls(_INFO_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   # A voice's clef, then its names (`nm="..." snm="..."`, quotes closed).
   clef, clef_ok, clef_end = _word(s, c, (c == ord(" ")) | (c == ord("\n")), _CLEF_NEXT,
                                   _CLEF_FINAL)
@@ -489,8 +495,8 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0)
   names = s.ctx == H_NAMES
   n.when(names & (c == ord("\n")) & (s.inner == 0), ctx=EOL)
-  n.when(names & (c == ord('"')), inner=1 - s.inner)
-  n.when(names & (s.inner == 1) & cls(_NAME_TEXT))
+  n.when(names & (c == ord('"')), inner=1 - s.inner, pos=0)
+  n.when(names & (s.inner == 1) & cls(_NAME_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   n.when(names & (s.inner == 0) & cls(_NAME_KEYS))
   # `V:n`: the next voice number, then its name and clef.
   voice = s.ctx == H_VOICE
@@ -566,8 +572,8 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n = _Next(s)
   # 1. Inside an open construct.
   sub = s.sub
-  n.when((sub == S_QUOTE) & (c == ord('"')), sub=S_NONE)
-  n.when((sub == S_QUOTE) & cls(_QUOTE_TEXT))
+  n.when((sub == S_QUOTE) & (c == ord('"')), sub=S_NONE, pos=0)
+  n.when((sub == S_QUOTE) & cls(_QUOTE_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   deco, deco_ok, deco_end = _word(s, c, c == ord("!"), _DECO_NEXT, _DECO_FINAL)
   n.when((sub == S_DECO) & deco_ok, pos=deco.pos, sub=jnp.where(deco_end, S_NONE, S_DECO))
   # Grace notes: `{`, an optional `/`, then notes (accidentals, pitch, octave marks, length).
@@ -664,7 +670,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0),
          after_note=False, need_note=True)
   n.when(free & (c == ord(" ")), after_note=False)
-  n.when(free & (c == ord('"')), sub=S_QUOTE, after_note=False)
+  n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, after_note=False)
   n.when(free & (c == ord("!")), sub=S_DECO, pos=0, after_note=False)
   n.when(free & (c == ord("{")) & ~s.need_note, sub=S_GRACE, inner=0, pos=0, num=0,
          in_chord_note=False, after_note=False)
@@ -720,7 +726,86 @@ _HANDLERS = {
 }
 
 
-def step(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+# Header fields a user can fix, in the context that reads each one's value.
+FIELD_CONTEXTS = {"unit": H_UNIT, "tempo": H_TEMPO, "meter": H_METER, "key": H_KEY}
+_FIELD_PATTERNS = {
+    "unit": r"1/(2|4|8|16|32)", "tempo": r"[1-9]\d?/(1|2|4|8|16|32|64)=[1-9]\d{0,2}",
+    "meter": r"[1-9]\d?/(1|2|4|8|16|32|64)|C\|?|none", "key": "|".join(map(re.escape, KEYS))}
+_FIELD_WIDTH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+  """Header lines fixed by the user (None: the model's choice): `M:`, `K:`, `L:`, `Q:` values as
+  the training data writes them ("3/4", "Eb", "1/8", "1/4=100") and how many voices."""
+  meter: str | None = None
+  key: str | None = None
+  unit: str | None = None
+  tempo: str | None = None
+  voices: int | None = None
+
+  def __post_init__(self):
+    for field, pattern in _FIELD_PATTERNS.items():
+      value = getattr(self, field)
+      if value is not None and not re.fullmatch(pattern, value):
+        raise ValueError(f"{field} {value!r} is not a {field} as ABC headers write it "
+                         f"(e.g. {_EXAMPLES[field]})")
+    if self.voices is not None and not 1 <= self.voices <= 99:
+      raise ValueError(f"voices must be 1 to 99, got {self.voices}")
+
+
+_EXAMPLES = {"unit": "1/8", "tempo": "1/4=100", "meter": "3/4, C, C| or none",
+             "key": "C, Eb, F#min, Ddor or none"}
+
+
+@flax.struct.dataclass
+class Fixed:
+  """A Header as arrays: each field's forced characters [F, W] and length [F] (0: free), and the
+  number of voices (0: free)."""
+  chars: jax.Array
+  lengths: jax.Array
+  voices: jax.Array
+
+
+def fixed(header: Header | None = None) -> Fixed:
+  header = header or Header()
+  chars = np.zeros((len(FIELD_CONTEXTS), _FIELD_WIDTH), np.int32)
+  lengths = np.zeros(len(FIELD_CONTEXTS), np.int32)
+  for i, field in enumerate(FIELD_CONTEXTS):
+    value = getattr(header, field)
+    if field == "unit" and value is not None:
+      value = value[2:]  # `L:1/` is read as a fixed key; the denominator is the value
+    if value:
+      chars[i, :len(value)] = [ord(ch) for ch in value]
+      lengths[i] = len(value)
+  return Fixed(jnp.asarray(chars), jnp.asarray(lengths), jnp.int32(header.voices or 0))
+
+
+def _force(s: State, new: State, ok: jax.Array, c: jax.Array, t: jax.Array,
+           header: Fixed) -> tuple[State, jax.Array]:
+  """Narrows a transition to the fixed header: each fixed field's value, the fields it makes
+  necessary (a fixed tempo's `Q:` line), and the number of voices."""
+  ctx = jnp.where((s.ctx == EOL) & (t == 0) & (s.line == 0), H_LINE, s.ctx)
+  field = jnp.select([ctx == context for context in FIELD_CONTEXTS.values()],
+                     list(range(len(FIELD_CONTEXTS))), -1)
+  length = header.lengths[field.clip(0)]
+  value_char = header.chars[field.clip(0), s.forced_at.clip(0, _FIELD_WIDTH - 1)]
+  in_value = (field >= 0) & (length > 0)
+  value_ok = jnp.where(s.forced_at < length, c == value_char, c == ord("\n"))
+  ok = ok & (~in_value | value_ok)
+  tempo_fixed = header.lengths[list(FIELD_CONTEXTS).index("tempo")] > 0
+  ok = ok & ~((ctx == H_LINE) & (c == ord("M")) & (s.rank == R_UNIT) & tempo_fixed)
+  voices = header.voices
+  ok = ok & ~((ctx == H_LINE) & (c == ord("V")) & (voices > 0) & (s.voices >= voices))
+  ok = ok & ~((ctx == H_LINE) & (c == ord("[")) & (voices > 0) & (s.voices != voices))
+  score_total = s.score_voices + (s.number > 0)
+  ok = ok & ~((ctx == H_SCORE) & (c == ord("\n")) & (voices > 0) & (score_total != voices))
+  forced_at = jnp.where((field >= 0) & (new.ctx == ctx), s.forced_at + 1, 0)
+  return new.replace(forced_at=forced_at), ok
+
+
+def step(s: State, c: jax.Array, t: jax.Array,
+         header: Fixed | None = None) -> tuple[State, jax.Array]:
   """One character c at position t of its patch: (the next state, whether c is admissible)."""
   handlers = sorted(set(_HANDLERS.values()), key=lambda f: f.__name__)
   outcomes = [handler(s, c, t) for handler in handlers]
@@ -728,14 +813,17 @@ def step(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
                                np.int32))[s.ctx]
   state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
   ok = jnp.stack([o[1] for o in outcomes])[which] & ~s.dead
+  if header is not None:
+    state, ok = _force(s, state, ok, c, t, header)
   return state.replace(after_eos=c == tokenizer.EOS), ok
 
 
-def admissible(states: State, t: jax.Array) -> tuple[State, jax.Array]:
+def admissible(states: State, t: jax.Array,
+               header: Fixed | None = None) -> tuple[State, jax.Array]:
   """For a batch of states [B] at patch position t: every character's next state [B, V] and
   whether it is admissible [B, V]."""
   chars = jnp.arange(VOCAB, dtype=jnp.int32)
-  per_row = lambda s: jax.vmap(step, (None, 0, None))(s, chars, t)
+  per_row = lambda s: jax.vmap(step, (None, 0, None, None))(s, chars, t, header)
   return jax.vmap(per_row)(states)
 
 
@@ -744,16 +832,17 @@ def batch(states: list[State]) -> State:
 
 
 @jax.jit
-def _advance(s: State, chars: jax.Array, positions: jax.Array,
-             real: jax.Array) -> tuple[State, jax.Array]:
+def _advance(s: State, chars: jax.Array, positions: jax.Array, real: jax.Array,
+             header: Fixed | None = None) -> tuple[State, jax.Array]:
   def body(s, x):
     c, t, keep = x
-    new, ok = step(s, c, t)
+    new, ok = step(s, c, t, header)
     return _select(keep, new, s), jnp.where(keep, ok, True)
   return jax.lax.scan(body, s, (chars, positions, real))
 
 
-def advance(s: State, patches: np.ndarray, prefix: np.ndarray) -> State:
+def advance(s: State, patches: np.ndarray, prefix: np.ndarray,
+            header: Fixed | None = None) -> State:
   """The state after whole patches [n, P] (the bos patch first) and an open patch's prefix.
 
   Raises ValueError naming the first character the automaton does not admit.
@@ -765,7 +854,7 @@ def advance(s: State, patches: np.ndarray, prefix: np.ndarray) -> State:
   padded = lambda xs: np.asarray(xs + [0] * (size - len(xs)), np.int32)
   real = np.arange(size) < len(chars)
   state, ok = _advance(s, jnp.asarray(padded(chars)), jnp.asarray(padded(positions)),
-                       jnp.asarray(real))
+                       jnp.asarray(real), header)
   ok = np.asarray(ok)
   if not ok.all():
     i = int(np.argmin(ok))

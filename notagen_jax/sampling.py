@@ -135,8 +135,8 @@ def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
 
 def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
                 prefix_len: jax.Array, keys: jax.Array, settings: Settings,
-                cache_type: type[model_lib.KVCache],
-                grammar: constraint.State) -> tuple[jax.Array, constraint.State]:
+                cache_type: type[model_lib.KVCache], grammar: constraint.State,
+                header: constraint.Fixed) -> tuple[jax.Array, constraint.State]:
   """[B, P] chars of the next patch: the prefix, then drawn chars, one cached char step each.
 
   Constrained, each drawn char is drawn among those the grammar admits and moves the grammar on
@@ -155,7 +155,7 @@ def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
     probs = jnp.exp(logprobs[:, 0])
     drawing = t >= prefix_len
     if settings.constrained:
-      following, admitted = constraint.admissible(grammar, t)
+      following, admitted = constraint.admissible(grammar, t, header)
       live = drawing & ~closed & ~grammar.dead
       stuck = live & ~admitted.any(-1)
       allowed = jnp.where((live & ~stuck)[:, None], admitted, True)
@@ -192,15 +192,16 @@ def _starts_with(chars: jax.Array, start: jax.Array, text: str) -> jax.Array:
   return fits & jnp.all(picked == jnp.array([ord(c) for c in text]), axis=1)
 
 
-def _next_patch(model: model_lib.NotaGen, state: DecodeState,
-                settings: Settings) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
+def _next_patch(model: model_lib.NotaGen, state: DecodeState, settings: Settings,
+                header: constraint.Fixed) -> tuple[DecodeState, tuple[jax.Array, jax.Array,
+                                                                      jax.Array]]:
   """Every active row draws one patch: (state, (patch [B, P], event [B], text_from [B]))."""
   cfg = model.cfg
   p = cfg.patch_size
   keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
   cache_type = type(state.cache[0])
   chars, grammar = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys,
-                               settings, cache_type, state.grammar)
+                               settings, cache_type, state.grammar, header)
   grammar = jax.tree.map(lambda new, old: jnp.where(state.active, new, old), grammar,
                          state.grammar)
   # Chars given as a prefix are already in the piece's text; the forced `[r:0/` is not.
@@ -214,7 +215,7 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
     redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
     again, _ = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
                            jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
-                           settings, cache_type, state.grammar)
+                           settings, cache_type, state.grammar, header)
     return jnp.where(redo[:, None], again, chars)
 
   chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
@@ -240,10 +241,12 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState,
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
 def _generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, settings: Settings,
-              n_patches: int) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
+              n_patches: int, header: constraint.Fixed
+              ) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
   """n_patches patches for every row: patches [n, B, P], events [n, B], text_from [n, B]."""
   model = nnx.merge(graphdef, params)
-  return jax.lax.scan(lambda s, _: _next_patch(model, s, settings), state, None, n_patches)
+  return jax.lax.scan(lambda s, _: _next_patch(model, s, settings, header), state, None,
+                      n_patches)
 
 
 @flax.struct.dataclass
@@ -428,9 +431,16 @@ class Sampler:
                                              patch_length=self.cfg.patch_length)
 
   def run(self, prompts: Sequence[str], seed: int = 0,
-          on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i)."""
-    return _Generation(self, prompts, seed, on_result).run()
+          on_result: Callable[[Result], None] | None = None,
+          header: constraint.Header | None = None) -> list[Result]:
+    """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i).
+
+    `header` fixes header lines of every piece (constrained sampling only); the model writes the
+    others.
+    """
+    if header is not None and not self.settings.constrained:
+      raise ValueError("fixing header lines needs constrained sampling")
+    return _Generation(self, prompts, seed, on_result, header).run()
 
 
 class _Loading(NamedTuple):
@@ -447,8 +457,9 @@ class _Generation:
   """One `Sampler.run`: the prompts, the rows' pieces and the device state."""
 
   def __init__(self, sampler: Sampler, prompts: Sequence[str], seed: int,
-               on_result: Callable[[Result], None] | None):
+               on_result: Callable[[Result], None] | None, header: constraint.Header | None):
     self.sampler = sampler
+    self.header = constraint.fixed(header)
     self.cfg = sampler.cfg
     self.on_result = on_result
     self.base_key = jax.random.key(seed)
@@ -496,7 +507,7 @@ class _Generation:
       return constraint.initial()
     ids, prefix, _ = self.encoded[index]
     try:
-      return constraint.advance(constraint.initial(), ids, prefix)
+      return constraint.advance(constraint.initial(), ids, prefix, self.header)
     except ValueError as error:
       raise ValueError(f"prompt {index} cannot be continued well-formed: {error}") from None
 
@@ -582,7 +593,7 @@ class _Generation:
     self._prefill_loads()
     self._ensure_capacity(int(np.max(np.asarray(self.state.length))) + sampler.patches_per_call)
     self.state, outputs = _generate(sampler.graphdef, sampler.params, self.state,
-                                    sampler.settings, sampler.patches_per_call)
+                                    sampler.settings, sampler.patches_per_call, self.header)
     patches, events, text_from = map(np.asarray, outputs)
     settings = sampler.settings
     for row, piece in enumerate(self.slots):

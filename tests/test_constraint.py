@@ -138,3 +138,27 @@ def test_a_prompt_ending_inside_a_bar_is_continued_well_formed(prompt):
   assert result.text.startswith(prompt)
   if result.text.count("\n") > prompt.count("\n"):
     _check_well_formed(result.text)
+
+
+def test_fixed_header_lines_are_written_as_given():
+  model = model_lib.create(model_lib.config_for((256, 1, 1, 64)))
+  settings = sampling.Settings(constrained=True, max_patches=150)
+  header = constraint.Header(meter="3/4", key="Eb", unit="1/8", tempo="1/4=100", voices=2)
+  results = sampling.Sampler(model, settings, batch=4).run([PROMPT] * 4, seed=5, header=header)
+  written = [result for result in results if "[r:" in result.text]
+  assert len(written) >= 2
+  for result in written:
+    lines = result.text.split("\n")
+    fields = [line for line in lines if line[:2] in ("M:", "K:", "L:", "Q:")]
+    assert fields == ["L:1/8", "Q:1/4=100", "M:3/4", "K:Eb"], result.text
+    assert [line.split()[0] for line in lines if line.startswith("V:")] == ["V:1", "V:2"]
+
+
+def test_a_header_value_that_abc_cannot_hold_is_one_clear_error():
+  with pytest.raises(ValueError, match="meter '3/5'"):
+    constraint.Header(meter="3/5")
+  with pytest.raises(ValueError, match="key 'H'"):
+    constraint.Header(key="H")
+  model = model_lib.create(model_lib.config_for((64, 1, 1, 64)))
+  with pytest.raises(ValueError, match="constrained"):
+    sampling.Sampler(model).run([PROMPT], header=constraint.Header(meter="3/4"))

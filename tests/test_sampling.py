@@ -250,10 +250,10 @@ def test_first_body_patch_is_forced_to_start_at_line_zero(monkeypatch):
   model = model_lib.create(cfg)
   p = cfg.patch_size
 
-  def fake_draw(model, hidden, prefix, prefix_len, keys, settings, cache_type):
-    del model, hidden, keys, settings, cache_type
+  def fake_draw(model, hidden, prefix, prefix_len, keys, settings, cache_type, grammar, header):
+    del model, hidden, keys, settings, cache_type, header
     body = jnp.asarray([ord(c) for c in "[r:3/4]abcdefghi"])
-    return jnp.where(jnp.arange(p) < prefix_len[:, None], prefix, body)
+    return jnp.where(jnp.arange(p) < prefix_len[:, None], prefix, body), grammar
 
   monkeypatch.setattr(sampling, "_draw_patch", fake_draw)
   result = sampling.Sampler(model, sampling.Settings(max_chars=80), batch=1).run([PROMPT])[0]
