@@ -159,3 +159,24 @@ def test_same_piece_in_two_formats_is_prepared_once():
   assert [s.path for s in kept] == ["/c/bach/bwv277.mxl", "/c/bach/bwv278.krn"]
   assert left_out == [{"file": "/c/bach/bwv277.krn", "piece_id": "bach__bwv277",
                        "same_piece_as": "/c/bach/bwv277.mxl"}]
+
+
+def test_standard_abc_with_voice_tags_is_read_by_music21_not_deinterleaved(tmp_path):
+  # Aird's airs write two-voice tunes as standard ABC whose lines start with `[V:1]`/`[V:2]`, four
+  # bars a line and no `V:` in the header: not the interleaved form, so music21 reads them.
+  book = corpus.file_sources(corpus.music21_corpus_root() / "airdsAirs" / "book6.abc")
+  source = next(s for s in book if s.tune == 178)
+  tune = corpus.abc_tune(source.path, source.tune)
+  assert "\n[V:2] A>A|f3" in tune and not corpus.is_interleaved(tune)
+  piece = preparation.prepare_piece(source, eval_fraction=0.1)
+  assert piece["interleaved"].count("\n[V:1]") > 16
+  # What prepare and generation write is still read as interleaved, and de-interleaved.
+  assert corpus.is_interleaved(piece["interleaved"])
+  header = "%Baroque\n%Bach, Johann Sebastian\n%Keyboard\nL:1/8\nM:3/4\nK:C\nV:1 treble\nV:2 bass\n"
+  generated = header + ("[r:0/3][V:1]|:abc def|[V:2]|:A,6|\n[r:1/2][V:1]abc d2e|\n[r:2/1]\n"
+                        "[r:3/0][V:1]c6:|[V:2]C,6:|\n")
+  assert corpus.is_interleaved(generated)
+  assert not corpus.is_interleaved(header + "[V:1]|:abc def|abc d2e|[V:2]|:A,6|z6|\n")
+  (tmp_path / "generated.abc").write_text(generated)
+  [read] = corpus.file_sources(tmp_path / "generated.abc")
+  assert read.to_standard_abc() == corpus.deinterleave(generated)

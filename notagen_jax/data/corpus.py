@@ -19,6 +19,7 @@ import re
 from typing import Iterable, Iterator, Mapping
 
 from abctoolkit.rotate import unrotate_abc
+from abctoolkit.utils import Barline_regexPattern
 from etils import epath
 
 from notagen_jax import storage
@@ -166,13 +167,42 @@ def abc_tune(path: str, tune: int) -> str:
   return tunes[tune - 1]
 
 
-_INTERLEAVED_LINE = re.compile(r"^(\[r:[^\]]*\])?\[V:", re.MULTILINE)
+_BODY_LINE = re.compile(r"^(\[r:[^\]]*\])?\[V:")
+_HEADER_LINE = re.compile(r"^([A-Za-z+]:|%|\s*$)")
+_STREAM_MARKER_ONLY = re.compile(r"^\[r:[^\]]*\]\s*$")
+_VOICE_TAG = re.compile(r"\[V:[^\]]*\]")
+_BARLINE = re.compile(Barline_regexPattern)
 
 
 def is_interleaved(text: str) -> bool:
-  """Whether an ABC text is in the interleaved form (one line per bar, every voice's bar after its
-  `[V:` tag) that `prepare`, generation and the corpus's interleaved/ files hold."""
-  return bool(_INTERLEAVED_LINE.search(text))
+  """Whether an ABC text is in the interleaved form that `prepare`, generation and the corpus's
+  interleaved/ files hold: a header (fields, `%` comments, the rest of a `V:` line's quoted name
+  broken across lines) declaring the voices by `V:` lines, then body lines of one bar per voice,
+  each after its `[V:` tag (in generated text after an `[r:i/j]` stream marker; rest reduction
+  leaves empty or marker-only lines).
+
+  A standard ABC tune that merely starts its lines with `[V:1]` tags holds several bars a line and
+  is not interleaved: music21 reads it.
+  """
+  lines = text.rstrip("\n").split("\n")
+  start = next((i for i, line in enumerate(lines) if _BODY_LINE.match(line)), None)
+  if start is None:
+    return False
+  header = lines[:start]
+  if not any(line.startswith("V:") for line in header):
+    return False
+  if any("[V:" in line or not _HEADER_LINE.match(line) and _BARLINE.search(line)
+         for line in header):
+    return False  # music before the body (a line that is not a field, nor a name's continuation)
+  for line in lines[start:]:
+    if not line.strip() or _STREAM_MARKER_ONLY.match(line):
+      continue
+    if not _BODY_LINE.match(line):
+      return False
+    bars = _VOICE_TAG.split(line)[1:]
+    if any(_BARLINE.search(abc.split_barlines(bar, first_line=True)[1]) for bar in bars):
+      return False  # a voice holds more than one bar
+  return True
 
 
 def deinterleave(text: str) -> str:
