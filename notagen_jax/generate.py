@@ -6,8 +6,11 @@ un-reduced ABC, MusicXML and MIDI, plus DIR/pieces.jsonl and DIR/index.html (eve
 prompt, settings, files and failures; scores need the render extra). The prompt is period /
 composer / instrumentation (checked against `--known_prompts`, a prepared corpus, when given), or
 a score to continue (`--continue_from=score.xml|.abc|.krn`, read as `prepare` reads it; `--tune=N`
-for one tune of an ABC file of several), or both. The printed summary holds the run's measures
-(conversion rates, bar-alignment error, the original's filters, perplexity: docs/generation.md).
+for one tune of an ABC file of several), or both. Sampling is constrained to well-formed pieces
+in the training form (`--noconstrained`: as the original); `--meter`, `--key`, `--unit`,
+`--tempo` and `--voices` fix those header lines (a continued score's header must agree). The
+printed summary holds the run's measures (conversion rates, bar-alignment error, the original's
+filters, perplexity: docs/generation.md).
 Every path may be local or a gs:// URL.
 """
 
@@ -19,6 +22,7 @@ from absl import flags
 
 from notagen_jax import checkpoint
 from notagen_jax import cli
+from notagen_jax import constraint
 from notagen_jax import generation
 from notagen_jax import report
 from notagen_jax import sampling
@@ -48,6 +52,20 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Temperature on the kept s
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 102400, "Characters per piece before it fails.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Seconds per piece before it fails.")
 _MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: until it ends).")
+_CONSTRAINED = flags.DEFINE_bool(
+    "constrained", True, "Admit only well-formed pieces in the training form (every voice in "
+    "every line, bars aligned across voices: docs/generation.md); --noconstrained draws exactly "
+    "as the original.")
+# Header lines the user fixes (the model writes the rest); they need --constrained.
+_HEADER = {
+    "meter": flags.DEFINE_string("meter", None, "Fix the meter (M:), e.g. 3/4, C, C| or none."),
+    "key": flags.DEFINE_string("key", None, "Fix the key (K:) as K: lines write it, e.g. Eb, "
+                               "Amin, F#dor or none."),
+    "unit": flags.DEFINE_string("unit", None, "Fix the unit note length (L:), e.g. 1/8."),
+    "tempo": flags.DEFINE_string("tempo", None, "Fix the tempo (Q:), e.g. 1/4=100."),
+    "voices": flags.DEFINE_integer("voices", None, "Fix the number of voices (V: lines).",
+                                   lower_bound=1),
+}
 _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
 flags.register_validator("formats", lambda formats: set(formats) <= {"xml", "mid"},
                          "takes xml, mid, both or nothing (comma-separated)")
@@ -65,7 +83,13 @@ def main(argv):
   del argv
   settings = sampling.Settings(top_k=_TOP_K.value, top_p=_TOP_P.value,
                                temperature=_TEMPERATURE.value, max_chars=_MAX_CHARS.value,
-                               max_seconds=_MAX_SECONDS.value, max_patches=_MAX_PATCHES.value)
+                               max_seconds=_MAX_SECONDS.value, max_patches=_MAX_PATCHES.value,
+                               constrained=_CONSTRAINED.value)
+  fixed = {name: flag.value for name, flag in _HEADER.items() if flag.value is not None}
+  if fixed and not settings.constrained:
+    raise app.UsageError(f"{' and '.join(f'--{name}' for name in fixed)} fix header lines, "
+                         "which only constrained sampling can: drop --noconstrained")
+  header = constraint.Header(**fixed) if fixed else None  # a bad value raises, naming it
   fields = {"period": _PERIOD.value, "composer": _COMPOSER.value,
             "instrumentation": _INSTRUMENTATION.value}
   given = [f"--{name}" for name, value in fields.items() if value]
@@ -86,19 +110,26 @@ def main(argv):
     prompt = head
   else:
     raise app.UsageError("give --period/--composer/--instrumentation or --continue_from")
+  if header:
+    conflicts = generation.header_conflicts(prompt, header)
+    if conflicts:
+      raise app.UsageError("; ".join(
+          f"--{field}={fixed[field]}: --continue_from={_CONTINUE.value} has {written}"
+          for field, written in conflicts))
   with cli.reported(_CHECKPOINT.value, errors=(Exception,)):
     model = checkpoint.load_model(_CHECKPOINT.value)
   weights_dtype = None if _WEIGHTS_DTYPE.value == "float32" else _WEIGHTS_DTYPE.value
   written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
                                 batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value,
-                                weights_dtype=weights_dtype, perplexity=_PERPLEXITY.value)
+                                weights_dtype=weights_dtype, perplexity=_PERPLEXITY.value,
+                                header=header)
   for item in written:
     status = "ok" if item.ok else f"FAILED ({item.reason})"
     errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())
     print(f"{item.name}: {item.chars} chars, {status}" + (f"  [{errors}]" if errors else ""))
   print(json.dumps(generation.summary(written)))
   run = {"checkpoint": _CHECKPOINT.value, "seed": _SEED.value, "batch": _BATCH.value,
-         "weights_dtype": _WEIGHTS_DTYPE.value, **dataclasses.asdict(settings)}
+         "weights_dtype": _WEIGHTS_DTYPE.value, **dataclasses.asdict(settings), **fixed}
   index = report.write_index(_OUTPUT.value, written, [prompt] * _N.value, run)
   print(f"pieces: {_OUTPUT.value}")
   print(f"report: {index}")

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 from etils import epath
 
+from notagen_jax import constraint
 from notagen_jax import metrics
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
@@ -88,6 +89,33 @@ def continuation_prompt(path: epath.PathLike, head: str = "", bars: int = 0,
   return head + "".join(metadata) + "".join(marked)
 
 
+# The header line each fixed field of a `constraint.Header` writes.
+HEADER_TAGS = {"meter": "M:", "key": "K:", "unit": "L:", "tempo": "Q:"}
+
+
+def header_conflicts(prompt: str, header: constraint.Header) -> list[tuple[str, str]]:
+  """The fixed fields a prompt's complete header disagrees with: (field, what it writes instead).
+
+  A prompt that reaches the body (a continuation) has its header already written, so a field
+  fixed otherwise cannot be; one that does not leaves the header to the constraint.
+  """
+  lines = [line.rstrip("\n") for line in tokenizer.text_lines(prompt)]
+  split = tokenizer.body_index(lines)
+  if split < 0:
+    return []
+  metadata = lines[:split]
+  conflicts = []
+  for field, tag in HEADER_TAGS.items():
+    wanted = getattr(header, field)
+    written = [line for line in metadata if line.startswith(tag)]
+    if wanted is not None and [line[len(tag):].strip() for line in written] != [wanted]:
+      conflicts.append((field, " ".join(written) or f"no {tag} line"))
+  voices = sum(line.startswith("V:") for line in metadata)
+  if header.voices is not None and voices != header.voices:
+    conflicts.append(("voices", f"{voices} voice" + "s" * (voices != 1)))
+  return conflicts
+
+
 @dataclasses.dataclass(frozen=True)
 class Written:
   """What was written for one piece; `errors` maps a failed output to its reason, `metrics`
@@ -152,9 +180,12 @@ def _write_midi(musicxml: str, path: epath.Path) -> epath.Path:
 def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.PathLike, *,
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
              formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
-             weights_dtype: str | None = None, perplexity: bool = False) -> list[Written]:
+             weights_dtype: str | None = None, perplexity: bool = False,
+             header: constraint.Header | None = None) -> list[Written]:
   """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
 
+  `header` fixes those header lines of every piece (constrained sampling only; a prompt's own
+  header must agree, see `header_conflicts`).
   `weights_dtype` ("bfloat16" or "int8") stores the weight matrices narrower for sampling (sums
   stay in float32; see `sampling.Sampler`): each character reads them all. `perplexity` adds each
   piece's log-likelihood under `model` itself (its own weights, not the narrower ones, and no
@@ -182,7 +213,7 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
 
   try:
     sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
-    sampler.run(prompts, seed=seed, on_result=on_result)
+    sampler.run(prompts, seed=seed, on_result=on_result, header=header)
   finally:
     if bar is not None:
       bar.close()

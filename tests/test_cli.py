@@ -103,6 +103,29 @@ def test_continue_from_reads_the_file_as_prepare_does(golden_dir, tmp_path):
                           "[r:1/2][V:1]A4 d2|]\n")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--meter=3/x"], "meter '3/x' is not a meter as ABC headers write it (e.g. 3/4, C, C| or "
+     "none)"),
+    (["--key=H"], "key 'H' is not a key as ABC headers write it (e.g. C, Eb, F#min, Ddor or "
+     "none)"),
+    (["--meter=3/4", "--voices=2", "--noconstrained"], "--meter and --voices fix header lines, "
+     "which only constrained sampling can: drop --noconstrained"),
+])
+def test_a_header_flag_mistake_is_a_usage_error(tmp_path, args, message):
+  assert_error(run("generate", "--checkpoint=unused.pth", f"--output={tmp_path}",
+                   "--period=Baroque", "--composer=Bach, Johann Sebastian",
+                   "--instrumentation=Choral", *args), "generate", message)
+
+
+def test_a_continuation_keeps_its_own_header(tmp_path):
+  tune = tmp_path / "tune.abc"
+  tune.write_text(ONE_VOICE)
+  assert_error(run("generate", "--checkpoint=unused.pth", f"--output={tmp_path / 'out'}",
+                   f"--continue_from={tune}", "--meter=3/4", "--key=G", "--voices=2"),
+               "generate", f"--meter=3/4: --continue_from={tune} has M:4/4; "
+               f"--voices=2: --continue_from={tune} has 1 voice")
+
+
 def test_a_partial_prompt_is_a_usage_error(tmp_path):
   assert_error(run("generate", "--checkpoint=unused.pth", f"--output={tmp_path}",
                    "--composer=Bach, Johann Sebastian"), "generate",

@@ -129,3 +129,26 @@ def test_generate_entry_point(golden_dir, tmp_path):
   summary = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
   assert summary["pieces"] == 2 and summary["perplexity"] > 1  # scored by default
   assert sorted(p.name for p in tmp_path.glob("*.abc")) == ["piece_00000.abc", "piece_00001.abc"]
+
+
+def _header_lines(text):
+  """The lines before the first body line (all of them when it has none)."""
+  lines = text.splitlines()
+  body = tokenizer.body_index(lines, "starts_marker")
+  return lines[:body] if body >= 0 else lines
+
+
+def test_generate_fixes_the_header_lines_it_is_given(golden_dir, tmp_path):
+  subprocess.run(
+      [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
+       f"--output={tmp_path}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
+       "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=16",
+       "--formats=", "--noperplexity", "--seed=3", "--meter=3/4", "--key=Eb", "--voices=2"],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  pieces = sorted(tmp_path.glob("piece_?????.abc"))  # as generated (raw)
+  assert len(pieces) == 2
+  for path in pieces:
+    header = _header_lines(path.read_text())
+    assert [line for line in header if line.startswith(("M:", "K:"))] == ["M:3/4", "K:Eb"], path
+    voices = [line.split()[0] for line in header if line.startswith("V:")]
+    assert voices == ["V:1", "V:2"], path
