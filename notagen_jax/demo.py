@@ -2,8 +2,10 @@
 
 NotaGen's demo on JAX: a local page (http://127.0.0.1:7860 by default, this machine only) whose
 prompt menus offer the period / composer / instrumentation combinations of a prepared corpus,
-optionally continuing an uploaded score; it shows the generation's log, the engraved piece with a
-player, and links to its ABC, MusicXML and MIDI (all written under --output).
+optionally continuing an uploaded score, with the meter and key optionally fixed; it samples
+constrained to well-formed pieces (as `generate` does by default) and shows the generation's log,
+the engraved piece with a player, and links to its ABC, MusicXML and MIDI (all written under
+--output).
 """
 
 from absl import flags

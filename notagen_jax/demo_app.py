@@ -1,5 +1,5 @@
-"""The local demo page: linked prompt choices, an optional score to continue, a live log, the
-engraved piece with a player, and its files to download.
+"""The local demo page: linked prompt choices, an optional score to continue, header fields to
+fix (meter, key), a live log, the engraved piece with a player, and its files to download.
 
 Standard-library HTTP, one page with its script inline. Generation runs in a thread, one piece at
 a time (the model takes the machine); the page polls its job for the log and, once done, the
@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from etils import epath
 
+from notagen_jax import constraint
 from notagen_jax import generation
 from notagen_jax import model as model_lib
 from notagen_jax import report
@@ -29,6 +30,8 @@ from notagen_jax import storage
 # The form's numbers: the sampling settings, the seed, and the bars of a score to continue.
 FIELDS = {"seed": int, "temperature": float, "top_k": int, "top_p": float, "max_patches": int,
           "bars": int}
+# The header lines the form can fix (empty: the model's choice), as `generate --meter --key`.
+HEADER_FIELDS = ("meter", "key")
 
 
 @dataclasses.dataclass
@@ -74,6 +77,9 @@ class Demo:
     try:
       values = {k: kind(request[k]) for k, kind in FIELDS.items()
                 if str(request.get(k, "")).strip()}
+      fixed = {k: str(request[k]).strip() for k in HEADER_FIELDS
+               if str(request.get(k, "")).strip()}
+      header = constraint.Header(**fixed) if fixed else None
       combination = tuple(request[f] for f in ("period", "composer", "instrumentation"))
       prompt = generation.prompt_text(*combination, self.known)
       folder = self.out / f"job_{number}"
@@ -83,14 +89,20 @@ class Demo:
         path.write_bytes(base64.b64decode(request["upload"]["data"]))
         prompt = generation.continuation_prompt(path, head=prompt, bars=values.get("bars", 0))
         log(f"continuing {path.name}: a prompt of {len(prompt)} characters")
-      settings = sampling.Settings(**{k: v for k, v in values.items()
-                                      if k not in ("seed", "bars")})
+        if header:
+          conflicts = generation.header_conflicts(prompt, header)
+          if conflicts:
+            raise ValueError("; ".join(f"{field} {fixed[field]}: {path.name} has {written}"
+                                       for field, written in conflicts))
+      settings = sampling.Settings(constrained=True, **{k: v for k, v in values.items()
+                                                        if k not in ("seed", "bars")})
       with self._generating:
         log(f"generating {' / '.join(combination)}: top-k {settings.top_k}, top-p "
-            f"{settings.top_p}, temperature {settings.temperature}, seed {values.get('seed', 0)}")
+            f"{settings.top_p}, temperature {settings.temperature}, seed {values.get('seed', 0)}"
+            + "".join(f", {k} {v}" for k, v in fixed.items()))
         written = generation.generate(self.model, [prompt], folder, settings=settings, batch=1,
                                       seed=values.get("seed", 0), progress=False,
-                                      weights_dtype=self.weights_dtype)[0]
+                                      weights_dtype=self.weights_dtype, header=header)[0]
       log(f"written: {written.chars} characters, {written.patches} patches in {written.seconds} s")
       piece = report.written_piece(written, self.out, prompt)
       log(f"engraved: {len(piece.pages)} pages" + (f"; failed: {'; '.join(piece.failures)}"
@@ -108,7 +120,10 @@ class Demo:
         for name, value in (("seed", 0), ("temperature", defaults.temperature),
                             ("top_k", defaults.top_k), ("top_p", defaults.top_p),
                             ("max_patches", defaults.max_patches), ("bars", 0)))
-    body = PAGE.replace("{inputs}", inputs).replace("{tree}", tree)
+    header = "\n".join(
+        f'<label>{name} <input id="{name}" size="6" placeholder="{hint}"></label>'
+        for name, hint in (("meter", "3/4"), ("key", "Eb")))
+    body = PAGE.replace("{inputs}", inputs).replace("{header}", header).replace("{tree}", tree)
     return report.document("NotaGen (JAX) demo", body)
 
 
@@ -119,6 +134,7 @@ PAGE = """
 <label>instrumentation <select id="instrumentation"></select></label></p>
 <p><label>continue a score (MusicXML, ABC, Humdrum; optional)
 <input type="file" id="upload" accept=".xml,.musicxml,.mxl,.abc,.krn"></label></p>
+<p>header (empty: the model's choice) {header}</p>
 <p>{inputs}</p>
 <p><button id="generate">Generate</button></p>
 </form>
@@ -148,8 +164,10 @@ $("generate").onclick = async () => {
   $("generate").disabled = true;
   $("piece").innerHTML = "";
   const request = {upload: await read($("upload").files[0])};
-  for (const id of ["period", "composer", "instrumentation", "seed", "temperature", "top_k",
-                    "top_p", "max_patches", "bars"]) request[id] = $(id).value;
+  for (const id of ["period", "composer", "instrumentation", "meter", "key", "seed",
+                    "temperature", "top_k", "top_p", "max_patches", "bars"]) {
+    request[id] = $(id).value;
+  }
   const job = await (await fetch("/jobs", {method: "POST", body: JSON.stringify(request)})).json();
   const poll = async () => {
     const state = await (await fetch("/jobs/" + job.id)).json();

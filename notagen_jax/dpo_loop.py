@@ -85,7 +85,7 @@ def _train_config(c: ml_collections.ConfigDict, policy: str, pairs: epath.Path,
 def _settings_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
   s = c.sample
   return dict(top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, max_chars=s.max_chars,
-              max_seconds=s.max_seconds, max_patches=s.max_patches)
+              max_seconds=s.max_seconds, max_patches=s.max_patches, constrained=s.constrained)
 
 
 def ground_truth_texts(prepared_dir: epath.PathLike,

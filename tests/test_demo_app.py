@@ -3,10 +3,12 @@
 With NOTAGEN_SCREENSHOTS=docs/images the first test saves the page's screenshot there.
 """
 
+import base64
 import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -80,8 +82,8 @@ def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, gol
   # A real chorale stands in for what the tiny random model would write (noise, not engraved).
   text = json.loads((golden_dir / "cases.json").read_text())["cases"][0]["stream_text"]
 
-  def run(self, prompts, seed=0, on_result=None):
-    del self
+  def run(self, prompts, seed=0, on_result=None, header=None):
+    assert self.settings.constrained and header is None
     results = [sampling.Result(0, prompts[0], text, True, "", 10, 0, 0.1)]
     on_result(results[0])
     return results
@@ -104,6 +106,29 @@ def test_the_tiny_model_continues_an_uploaded_score(browser, url):
   assert "ABC (as generated)" in _links_work(section, url)
   # Its two patches of noise may or may not convert: either way the page says what became of it.
   assert _notes(section) or section.find_element(By.CLASS_NAME, "reason").text
+
+
+def test_the_meter_and_key_fields_fix_the_header(browser, url):
+  section = _generate(browser, url, BACH, meter="3/4", key="Eb", seed=3, max_patches=16)
+  assert "meter 3/4, key Eb" in browser.find_element(By.ID, "log").text
+  link = section.find_element(By.LINK_TEXT, "ABC (as generated)").get_attribute("href")
+  with urllib.request.urlopen(link) as response:
+    lines = response.read().decode().splitlines()
+  header = lines[:next(i for i, line in enumerate(lines) if line.startswith("[r:"))]
+  assert [line for line in header if line.startswith(("M:", "K:"))] == ["M:3/4", "K:Eb"]
+
+
+def test_an_uploaded_score_keeps_its_own_header(tiny, tmp_path):
+  demo = demo_app.Demo(tiny, tmp_path, KNOWN)
+  tune = "X:1\nM:4/4\nL:1/8\nK:G\nGABc d2 e2|f2 g2 a4|]\n"
+  upload = {"name": "tune.abc", "data": base64.b64encode(tune.encode()).decode()}
+  job = demo.jobs[demo.start(dict(zip(("period", "composer", "instrumentation"), BACH),
+                                  upload=upload, meter="3/4", key=" G "))]
+  for _ in range(600):
+    if job.done:
+      break
+    time.sleep(0.1)
+  assert job.log[-1].endswith("failed: ValueError: meter 3/4: tune.abc has M:4/4")
 
 
 def test_entry_point_serves_the_page(golden_dir, tmp_path):

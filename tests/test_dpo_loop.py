@@ -71,7 +71,8 @@ def fake_sampler(monkeypatch, prepared):
   real = [_with_markers(r["augmented"][key]) for r in records for key in ("C", "G")]
   calls = []
 
-  def run(self, prompts, seed=0, on_result=None):
+  def run(self, prompts, seed=0, on_result=None, header=None):
+    assert self.settings.constrained and header is None
     calls.append(seed)
     rng = random.Random(seed)
     results = []
@@ -121,6 +122,15 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
   monkeypatch.setattr(dpo_loop.trainer, "train_and_evaluate", no_training)
   assert dpo_loop.run(c) == rows
   assert len(fake_sampler) == 2  # nothing sampled again
+
+
+@pytest.mark.parametrize("arg", ["small", "quickstart"])
+def test_the_loop_samples_constrained_and_keeps_the_alignment_filter(arg):
+  c = clamp_dpo.get_config(arg)
+  assert sampling.Settings(**dpo_loop._settings_fields(c)).constrained
+  assert "aligned" in c.select.filters
+  c.sample.constrained = False  # the original's sampling, one field away
+  assert not sampling.Settings(**dpo_loop._settings_fields(c)).constrained
 
 
 @pytest.mark.parametrize("field,value,message", [
