@@ -3,6 +3,7 @@
   python benchmarks/generate_throughput.py [--cases=short,long] [--batches=1,32]
       [--baseline-patches=3] [--dtype=float32,bfloat16,int8] [--patches-per-call=8]
       [--torch-threads=2,1] [--repeats=1]
+  python benchmarks/generate_throughput.py --only=constrained [--batches=1,32] [--repeats=2]
 
 The small model (12 patch layers, 3 char layers, H 768), randomly initialized (`model.create`);
 both implementations hold the same weights (`checkpoint.export_state_dict` into the PyTorch
@@ -38,6 +39,18 @@ batches are bound by the matmul rate: FLOPs = 2 x the matmul parameters per char
 decoder and LM head, 1/16 of the patch decoder and its input Linear) plus the attention over the
 used cache, times the aggregate chars/s. Compile time (JAX's compile events during the first run)
 is reported apart; a row reusing shapes compiled before shows less.
+
+`--only=constrained`: what `Settings(constrained=True)` costs (the automaton's mask on every drawn
+character, `constraint.admissible` inside the compiled char loop), on the same small float32 model,
+the short prompt (the long one repeats body lines, which the automaton does not admit: their `[r:i`
+would not count the lines) and `max_patches` 64, against the unconstrained sampler, timed runs
+interleaved (the best of `--repeats` each). Constrained pieces of a random model end early (a
+bos-eos patch after a complete line), so the rates are per character, in two counts: drawn (the
+characters the pieces got) and slots (batch x 16 x the patches of every compiled call, rows whose
+piece has ended included: the work the compiled loop does, which is what the automaton adds to;
+a run makes as many calls as its longest piece needs). The ratio is constrained / unconstrained
+time per character. Then `constraint.admissible` alone, jitted over a batch of states for a
+patch's 16 positions, with its mask alone (the next states unused, so XLA drops them) beside it.
 """
 
 from __future__ import annotations
@@ -271,6 +284,105 @@ def time_sampler(model, prompt: str, batch: int, settings, patches_per_call: int
   return sampler, compile_s, best, chars
 
 
+def slots(results, batch: int, max_patches: int, patches_per_call: int) -> int:
+  """Characters the compiled loop computed in a `Sampler.run` of `batch` rows: every call draws
+  patches_per_call patches for every row, and a piece not stopped at max_patches also drew the
+  patch that ended it (its bos-eos patch, or the one the automaton found no character for)."""
+  drawn = max(r.patches + (r.patches < max_patches) for r in results)
+  return -(-drawn // patches_per_call) * patches_per_call * batch * 16
+
+
+def time_admissible(batch: int, repeats: int = 20) -> tuple[float, float]:
+  """Seconds per character step of `constraint.admissible` over `batch` states (best of
+  `repeats` patches of 16 steps): (with the next states, the mask alone)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from notagen_jax import constraint  # pylint: disable=import-outside-toplevel
+  states = constraint.batch([constraint.initial()] * batch)
+
+  def patch(mask_only: bool):
+    def body(t, carry):
+      following, admitted = constraint.admissible(states_in(carry), t)
+      if mask_only:
+        return carry + admitted.sum()
+      # Every next state and the mask feed the carry, so none of them is dropped.
+      return carry + admitted.sum() + sum(x.astype(jnp.int32).sum()
+                                          for x in jax.tree.leaves(following))
+    # The states come from the carry so that XLA cannot hoist the steps out of the loop.
+    states_in = lambda carry: jax.tree.map(lambda x: jnp.where(carry < 0, jnp.zeros_like(x), x), states)
+    return jax.jit(lambda: jax.lax.fori_loop(0, 16, body, jnp.int32(0)))
+
+  times = []
+  for mask_only in (False, True):
+    run = patch(mask_only)
+    run().block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      run().block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    times.append(best / 16)
+  return times[0], times[1]
+
+
+def compare_constrained(args) -> None:
+  """The `--only=constrained` table (see the module docstring)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from notagen_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from notagen_jax import sampling  # pylint: disable=import-outside-toplevel
+  cfg = model_lib.config_for("small")
+  model = model_lib.create(cfg)
+  plain = sampling.Settings(max_patches=NEW_PATCHES)
+  variants = {"unconstrained": plain, "constrained": dataclasses.replace(plain, constrained=True)}
+  ppc = args.patches_per_call
+  print(f"# {jax.devices()[0].device_kind} ({os.cpu_count()} cores), jax {jax.__version__}; small "
+        f"model {cfg.patch_layers}/{cfg.char_layers}/{cfg.hidden}, float32; short prompt; "
+        f"max_patches {NEW_PATCHES}, {ppc} patches per call; load average "
+        f"{os.getloadavg()[0]:.1f}", flush=True)
+  rows = []
+  for batch in map(int, args.batches.split(",")):
+    prompts = [SHORT_PROMPT] * batch
+    samplers = {}
+    for name, settings in variants.items():
+      start = time.perf_counter()
+      samplers[name] = sampling.Sampler(model, settings, batch=batch, patches_per_call=ppc,
+                                        dtype="float32")
+      samplers[name].run(prompts, seed=0)
+      print(f"#   batch {batch} {name}: first run (compiles) {time.perf_counter() - start:.1f} s",
+            flush=True)
+    best = {name: (float("inf"), 0, 0, []) for name in variants}
+    for seed in range(1, args.repeats + 1):
+      for name, sampler in samplers.items():
+        start = time.perf_counter()
+        results = sampler.run(prompts, seed=seed)
+        seconds = time.perf_counter() - start
+        drawn = sum(r.patches for r in results) * cfg.patch_size
+        computed = slots(results, batch, NEW_PATCHES, ppc)
+        print(f"#   batch {batch} {name} seed {seed}: {seconds:.2f} s, {drawn} chars drawn, "
+              f"{computed} slots, pieces of {sorted({r.patches for r in results})} patches; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        if seconds / computed < best[name][0] / max(best[name][2], 1):
+          best[name] = (seconds, drawn, computed, [r.patches for r in results])
+    rows.append((batch, best, time_admissible(batch)))
+  print()
+  header = (f"{'batch':>5} {'unconstr. chars/s':>17} {'constr. chars/s':>15} {'ratio':>6} "
+            f"{'unconstr. slots/s':>17} {'constr. slots/s':>15} {'ratio':>6} "
+            f"{'admissible ms':>13} {'mask ms':>7} {'step ms':>7}")
+  print(header)
+  print("-" * len(header))
+  for batch, best, (admissible_s, mask_s) in rows:
+    (u_s, u_drawn, u_slots, _), (c_s, c_drawn, c_slots, _) = best.values()
+    step_ms = 1e3 * u_s / u_slots * batch
+    print(f"{batch:5d} {u_drawn / u_s:17.1f} {c_drawn / c_s:15.1f} "
+          f"{(c_s / c_drawn) / (u_s / u_drawn):5.2f}x {u_slots / u_s:17.1f} {c_slots / c_s:15.1f} "
+          f"{(c_s / c_slots) / (u_s / u_slots):5.2f}x {1e3 * admissible_s:13.3f} "
+          f"{1e3 * mask_s:7.3f} {step_ms:7.2f}")
+  print("# ratio: constrained / unconstrained time per character; admissible, mask: "
+        "`constraint.admissible` alone per character step of the batch (next states and mask, "
+        "mask alone); step: the unconstrained sampler's time per character step of the batch")
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,10 +397,15 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--torch-threads", default="2,1",
                       help="comma list of torch thread counts for the baseline; the fastest counts")
   parser.add_argument("--golden", default=str(ROOT / "tests" / "golden"))
+  parser.add_argument("--only", choices=("constrained",),
+                      help="run only the constrained-against-unconstrained comparison")
   args = parser.parse_args(argv)
   machine.print_header()
   threads = [int(t) for t in args.torch_threads.split(",")]
   _setup_threads(max(threads))
+  if args.only == "constrained":
+    compare_constrained(args)
+    return
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
