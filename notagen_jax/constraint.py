@@ -3,8 +3,9 @@
 The automaton reads what the sampler writes, character by character and patch by patch, and says
 which of the 128 characters may come next. What it admits is NotaGen's training form:
 
-- metadata lines in the training data's order and syntax: `%` comment lines, `%%score`, `L:1/d`,
-  `Q:`, `M:`, `K:`, then `V:1`, `V:2`, ... numbered in order (as many as `%%score` names);
+- metadata lines in the training data's order and syntax: `%` comment lines, `%%score` (naming
+  voices 1 to n, each once), `L:1/d`, `Q:`, `M:`, `K:`, then `V:1`, `V:2`, ... numbered in order
+  (as many as `%%score` names);
 - body lines `[r:i/j]` with i counting the lines, then voices in increasing order, each declared
   and at most once (rest reduction leaves out the voices that rest), each `[V:n]` bar closed by a
   barline; the first voice's bar lasts at most two bars of the meter (pickups and the training
@@ -29,6 +30,7 @@ it over a prompt on the host side to start a row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import flax
@@ -45,7 +47,6 @@ PATCH = 16
 TICKS = 2**9 * 315
 MIN_TICKS = TICKS // 64
 MAX_NUM = 99
-DENOMINATORS = (2, 4, 8, 16, 32, 64)
 # The longest bar the first voice may write: this many bars of the meter (the training data has
 # bars up to 2.5 times the meter's), or units when the meter is free (`M:none`).
 BAR_LIMIT = 4
@@ -70,6 +71,8 @@ CLEFS = ("treble", "bass", "alto", "tenor", "treble-8", "bass-8", "treble+8", "b
 MAX_COMMENTS = 3  # the prompt's period, composer and instrumentation
 # Annotations, voice names and instructions: preparation drops annotations longer than this.
 MAX_TEXT = 40
+METER_DENOMINATORS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+MAX_SCORE_VOICES = 30
 # `!...!` decorations: those abc2xml reads (dynamics, hairpins, articulations, ornaments).
 DECORATIONS = ("pppp", "ppp", "pp", "p", "mp", "mf", "f", "ff", "fff", "ffff", "sfz", "sf", "fp",
                "<(", "<)", ">(", ">)", "crescendo(", "crescendo)", "diminuendo(", "diminuendo)",
@@ -79,10 +82,10 @@ DECORATIONS = ("pppp", "ppp", "pp", "p", "mp", "mf", "f", "ff", "fff", "ffff", "
                "arpeggio", "breath", "segno", "coda", "D.C.", "D.S.", "fine", "slide", "emphasis",
                "0", "1", "2", "3", "4", "5", "+", "plus", "roll", "shortphrase", "mediumphrase",
                "longphrase", "editorial", "courtesy", "ped", "ped-up", "^", "8va(", "8va)",
-               "8vb(", "8vb)")
+               "8vb(", "8vb)", "/", "//", "///")
 # Content sub-contexts: an open construct of the bar.
 (S_NONE, S_QUOTE, S_DECO, S_GRACE, S_FIELD_KEY, S_FIELD_TEXT, S_FIELD_METER, S_CHORD, S_PAREN,
- S_TUPLET, S_FIELD_WORD, S_FIELD_TEMPO) = range(12)
+ S_TUPLET, S_FIELD_WORD, S_FIELD_TEMPO, S_LEFT, S_LEFT_NEXT) = range(14)
 # A note being read: accidentals, its pitch (octave marks may follow), numerator digits, `/`,
 # denominator digits.
 T_IDLE, T_ACC, T_PITCH, T_NUM, T_SLASH, T_DEN = range(6)
@@ -110,12 +113,11 @@ _REST = _table("zx")
 _ACCIDENTAL = _table("^_=")
 _OCTAVE = _table("',")
 _DECORATION = _table(DECORATION_LETTERS + ".")
-_SCORE_CHARS = _table(" []{}()|")
 _FIELD_LETTERS = _table("KMQI")
 # Text that abctoolkit might read as a barline (or a field) is kept out of annotations and names.
-_QUOTE_TEXT = _PRINTABLE & ~_table('"|:[]')
-_NAME_TEXT = _HEADER_TEXT & ~_table('"|:[]!%')
-_NAME_KEYS = _table("abcdefghijklmnopqrstuvwxyz= ")
+_QUOTE_TEXT = _PRINTABLE & ~_table('"|[]')
+_NAME_TEXT = _HEADER_TEXT & ~_table('"')
+_NAME_KEYS = _table("abcdefghijklmnopqrstuvwxyz0123456789=+- ")
 _INFO_TEXT = _table("abcdefghijklmnopqrstuvwxyz0123456789 ")
 
 
@@ -179,10 +181,11 @@ class State:
   ctx: jax.Array
   pos: jax.Array  # position in a fixed string, or digits read of a number
   fixed: jax.Array  # which fixed string
-  after_eos: jax.Array  # the patch started after an eos
   # Header.
   rank: jax.Array
   score_voices: jax.Array  # voices `%%score` names (0: no %%score line)
+  score_seen: jax.Array  # bit v-1 set for each voice number `%%score` named
+  voices_seen: jax.Array  # bit v-1 set for each V: line
   number: jax.Array  # the number being read (voice, meter, unit, marker)
   voices: jax.Array  # V: lines so far
   unit_den: jax.Array
@@ -193,13 +196,14 @@ class State:
   line: jax.Array
   voice: jax.Array  # the current voice number, 0 before the line's first
   target: jax.Array  # ticks of the line's bars, -1 before the first voice's bar ends
-  left_code: jax.Array  # the line's left barline (first line only), -1 before the first voice
   bar_code: jax.Array  # the barline being read, or the line's right barline once set
   right_code: jax.Array  # -1 before the first voice's barline
+  left_code: jax.Array  # the first line's left barline (0: none), -1 before its first voice's
+  left_here: jax.Array  # the left barline the current voice wrote on the first line (0: none)
+  fresh: jax.Array  # nothing of the current voice's bar written yet
   bar_where: jax.Array  # 0 after an eos, 1 inside a patch, 2 at a patch start without eos
   # A bar's content.
   acc: jax.Array  # ticks so far
-  started: jax.Array  # anything but inline fields written (no left barline after that)
   sub: jax.Array
   tok: jax.Array
   num: jax.Array
@@ -227,10 +231,10 @@ def initial() -> State:
   """The state after the bos patch: a metadata line starts."""
   i = lambda v: jnp.int32(v)
   return State(
-      ctx=i(H_LINE), pos=i(0), fixed=i(0), after_eos=jnp.bool_(True), rank=i(R_START),
-      score_voices=i(0), number=i(0), voices=i(0), unit_den=i(8), meter_num=i(4),
-      meter_den=i(4), meter_part=i(0), line=i(0), voice=i(0), target=i(-1), left_code=i(-1),
-      bar_code=i(0), right_code=i(-1), bar_where=i(0), acc=i(0), started=jnp.bool_(False),
+      ctx=i(H_LINE), pos=i(0), fixed=i(0), rank=i(R_START),
+      score_voices=i(0), score_seen=i(0), voices_seen=i(0), number=i(0), voices=i(0), unit_den=i(8), meter_num=i(4),
+      meter_den=i(4), meter_part=i(0), line=i(0), voice=i(0), target=i(-1), left_code=i(-1), left_here=i(0), fresh=jnp.bool_(False),
+      bar_code=i(0), right_code=i(-1), bar_where=i(0), acc=i(0),
       sub=i(S_NONE), tok=i(T_IDLE), num=i(0), den=i(0), after_note=jnp.bool_(False),
       need_note=jnp.bool_(False), inner=i(0), in_chord_note=jnp.bool_(False),
       rest=jnp.bool_(False), tied=jnp.bool_(False), comments=i(0), forced_at=i(0), tuplet=i(0),
@@ -299,8 +303,8 @@ def _pending_ticks(s: State) -> jax.Array:
 
 def _note_can_end(s: State) -> jax.Array:
   """A note being read is complete here (`n/` needs its denominator, a partial one its rest)."""
-  den_ok = (s.den == 2) | (s.den == 4) | (s.den == 8) | (s.den == 16) | (s.den == 32) | (
-      s.den == 64)
+  den_ok = (s.den == 1) | (s.den == 2) | (s.den == 4) | (s.den == 8) | (s.den == 16) | (
+      s.den == 32) | (s.den == 64)
   return jnp.select([s.tok == T_IDLE, s.tok == T_ACC, s.tok == T_PITCH, s.tok == T_NUM,
                      s.tok == T_SLASH], [True, False, True, True, s.num == 0], den_ok)
 
@@ -321,7 +325,8 @@ def _commit(s: State) -> tuple[State, jax.Array]:
       group_sum=jnp.where(pending & in_group, jnp.where(closes, 0, group_sum), s.group_sum),
       group_left=jnp.where(pending & in_group, s.group_left - 1, s.group_left),
       tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
-      after_note=s.after_note | pending, need_note=s.need_note & ~pending)
+      after_note=s.after_note | pending, need_note=s.need_note & ~pending,
+      tied=s.tied & ~pending)
   return new, ok
 
 
@@ -341,11 +346,15 @@ def _min_ticks(num: jax.Array, den_prefix: jax.Array, tok: jax.Array) -> jax.Arr
   return _note_ticks(jnp.where(num > 0, num, 1), den)
 
 
-
 def _power_of_two_prefix(n: jax.Array) -> jax.Array:
   """n is 1 to 64 or the start of 16, 32 or 64."""
   return (n == 1) | (n == 2) | (n == 3) | (n == 4) | (n == 6) | (n == 8) | (n == 16) | (
       n == 32) | (n == 64)
+
+
+def _meter_denominator(n: jax.Array) -> jax.Array:
+  """A meter's denominator: powers of two, and the 3, 6 and 12 of inline meters such as 1/6."""
+  return functools.reduce(jnp.logical_or, [n == d for d in METER_DENOMINATORS])
 
 
 def _tempo(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Array]:
@@ -391,16 +400,15 @@ def _meter(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Arra
          number=number * 10 + digit, pos=s.pos + 1)
   n.when((part == 0) & (c == ord("/")) & (number > 0), meter_part=1, meter_num=number, number=0,
          pos=0)
-  n.when((part == 1) & is_digit & _power_of_two_prefix(number * 10 + digit),
+  n.when((part == 1) & is_digit & _meter_denominator(number * 10 + digit),
          number=number * 10 + digit, pos=s.pos + 1)
   n.when((part == 0) & (s.pos == 0) & (c == ord("C")), meter_part=2)
   n.when((part == 2) & (c == ord("|")), meter_part=3)
   n.when((part == 0) & (s.pos == 0) & (c == ord("n")), meter_part=4, pos=1)
   none_char = jnp.asarray(np.array([ord(ch) for ch in "none"], np.int32))[s.pos.clip(0, 3)]
   n.when((part == 4) & (s.pos < 4) & (c == none_char), pos=s.pos + 1)
-  power_of_two = (number > 0) & (number <= 64) & ((number & (number - 1)) == 0)
   at_end = c == end
-  n.when(at_end & (part == 1) & power_of_two, meter_den=number, pos=0)
+  n.when(at_end & (part == 1) & _meter_denominator(number), meter_den=number, pos=0)
   n.when(at_end & (part == 2), meter_num=4, meter_den=4, pos=0)
   n.when(at_end & (part == 3), meter_num=2, meter_den=2, pos=0)
   n.when(at_end & (part == 4) & (s.pos == 4), meter_den=0, pos=0)
@@ -408,11 +416,20 @@ def _meter(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Arra
 
 
 def _reset_bar(s: State, **changes) -> State:
-  return s.replace(acc=jnp.int32(0), started=jnp.bool_(False), sub=jnp.int32(S_NONE),
+  return s.replace(acc=jnp.int32(0), sub=jnp.int32(S_NONE), left_here=jnp.int32(0),
+                   fresh=jnp.bool_(True),
                    tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
                    after_note=jnp.bool_(False), need_note=jnp.bool_(False), inner=jnp.int32(0),
                    in_chord_note=jnp.bool_(False), rest=jnp.bool_(False), tied=jnp.bool_(False),
                    group_left=jnp.int32(0), group_sum=jnp.int32(0), **changes)
+
+
+def _unseen(seen: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+  """Some voice number in [low, high] (up to MAX_SCORE_VOICES) is not in the `seen` bits."""
+  high = jnp.minimum(high, MAX_SCORE_VOICES)
+  width = (high - low + 1).clip(0, MAX_SCORE_VOICES)
+  bits = jnp.left_shift(jnp.left_shift(1, width) - 1, (low - 1).clip(0, MAX_SCORE_VOICES - 1))
+  return (low <= high) & (bits & ~seen != 0)
 
 
 def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
@@ -437,7 +454,7 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          **fixed(F_INFO, pos=0, comments=2 * MAX_COMMENTS))
   voices_done = (rank == R_VOICES) & ((s.score_voices == 0) | (s.voices == s.score_voices))
   n.when(line & (c == ord("[")) & voices_done,
-         ctx=B_FIXED, fixed=F_MARKER, pos=1, voice=0, target=-1, right_code=-1, left_code=-1)
+         ctx=B_FIXED, fixed=F_MARKER, pos=1, voice=0, target=-1, right_code=-1)
   # `%%score` or a comment.
   percent = s.ctx == H_PERCENT
   n.when(percent & (c == ord("%")) & (rank == R_START), **fixed(F_SCORE, rank=R_SCORE))
@@ -453,13 +470,25 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(in_fixed & (c == expected), pos=s.pos + 1)
   # `%%score`: voice numbers 1, 2, ... in order, with brackets, braces and bars around them.
   score = s.ctx == H_SCORE
-  closes_number = (s.number == 0) | (s.number == s.score_voices + 1)
+  # (Groups list voices in any order: each number once, and together 1 to n.)
+  bit = jnp.left_shift(1, (s.number - 1).clip(0, MAX_SCORE_VOICES - 1))
+  closes_number = (s.number == 0) | ((s.number <= MAX_SCORE_VOICES) & (s.score_seen & bit == 0))
   closed = jnp.where(s.number > 0, s.score_voices + 1, s.score_voices)
-  n.when(score & cls(_DIGIT) & ((s.number > 0) | (digit > 0)) & (s.number < 100),
-         number=s.number * 10 + digit)
-  n.when(score & cls(_SCORE_CHARS) & closes_number, number=0, score_voices=closed)
-  n.when(score & (c == ord("\n")) & closes_number & (closed > 0), number=0, score_voices=closed,
-         ctx=EOL)
+  seen = jnp.where(s.number > 0, s.score_seen | bit, s.score_seen)
+  number = s.number * 10 + digit
+  n.when(score & cls(_DIGIT) & (number > 0) & (number <= MAX_SCORE_VOICES) &
+         (_unseen(s.score_seen, number, number) |
+          _unseen(s.score_seen, number * 10, number * 10 + 9)), number=number)
+  # Brackets, braces and parentheses nest (at most three deep, `inner` their stack) and close.
+  opener = jnp.select([c == ord("["), c == ord("{"), c == ord("(")], [1, 2, 3], 0)
+  closer = jnp.select([c == ord("]"), c == ord("}"), c == ord(")")], [1, 2, 3], 0)
+  stack = jnp.select([opener > 0, closer > 0], [s.inner * 4 + opener, s.inner // 4], s.inner)
+  nests = ((opener > 0) & (s.inner < 16)) | ((closer > 0) & (s.inner % 4 == closer)) | (
+      (c == ord(" ")) | (c == ord("|")))
+  n.when(score & nests & closes_number, number=0, score_voices=closed, score_seen=seen,
+         inner=stack)
+  n.when(score & (c == ord("\n")) & closes_number & (closed > 0) & (s.inner == 0) &
+         (seen == jnp.left_shift(1, closed) - 1), number=0, score_voices=closed, ctx=EOL)
   # `L:1/d`.
   unit = s.ctx == H_UNIT
   unit2 = s.number * 10 + digit
@@ -499,13 +528,24 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(names & (s.inner == 1) & cls(_NAME_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   n.when(names & (s.inner == 0) & cls(_NAME_KEYS))
   # `V:n`: the next voice number, then its name and clef.
+  # `V:n`: the next voice number (with `%%score`, any voice it names not declared yet, as
+  # `%%score` orders them), then its clef and names.
   voice = s.ctx == H_VOICE
   wanted = s.voices + 1
-  n.when(voice & cls(_DIGIT) & (s.pos < _digits(wanted)) & (digit == _digit_at(wanted, s.pos)),
-         pos=s.pos + 1)
-  complete = voice & (s.pos == _digits(wanted))
-  n.when(complete & (c == ord(" ")), voices=wanted, ctx=H_CLEF, pos=0)
-  n.when(complete & (c == ord("\n")), voices=wanted, ctx=EOL, pos=0)
+  scored = s.score_voices > 0
+  unavailable = s.voices_seen | ~s.score_seen
+  number = s.number * 10 + digit
+  next_digit = (s.pos < _digits(wanted)) & (digit == _digit_at(wanted, s.pos))
+  scored_digit = (number > 0) & (number <= MAX_SCORE_VOICES) & (
+      _unseen(unavailable, number, number) | _unseen(unavailable, number * 10, number * 10 + 9))
+  n.when(voice & cls(_DIGIT) & jnp.where(scored, scored_digit, next_digit), pos=s.pos + 1,
+         number=number)
+  complete = voice & jnp.where(scored, (s.number > 0) & _unseen(unavailable, s.number, s.number),
+                               s.pos == _digits(wanted))
+  declared = dict(voices=wanted, pos=0, number=0, voices_seen=s.voices_seen | jnp.left_shift(
+      1, (s.number - 1).clip(0, MAX_SCORE_VOICES - 1)))
+  n.when(complete & (c == ord(" ")), ctx=H_CLEF, **declared)
+  n.when(complete & (c == ord("\n")), ctx=EOL, **declared)
   return n.state, n.ok
 
 
@@ -553,7 +593,8 @@ def _marker_and_voice(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.
   n.when(voice & cls(_DIGIT) & (number > 0) & can_be, number=number)
   bar = _reset_bar(s, ctx=jnp.int32(CONTENT), voice=s.number, number=jnp.int32(0))
   n.when(voice & (c == ord("]")) & (s.number > s.voice) & (s.number <= s.voices),
-         **{k: getattr(bar, k) for k in ("ctx", "voice", "number", "acc", "started", "sub", "tok",
+         **{k: getattr(bar, k) for k in ("ctx", "voice", "number", "acc", "sub", "tok", "left_here",
+                                         "fresh",
                                          "num", "den", "after_note", "need_note", "inner",
                                          "in_chord_note", "rest", "tied", "group_left",
                                          "group_sum")})
@@ -572,8 +613,11 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n = _Next(s)
   # 1. Inside an open construct.
   sub = s.sub
-  n.when((sub == S_QUOTE) & (c == ord('"')), sub=S_NONE, pos=0)
-  n.when((sub == S_QUOTE) & cls(_QUOTE_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
+  # (`inner` marks a `:` just written: `::` would be a barline to abctoolkit.)
+  n.when((sub == S_QUOTE) & (c == ord('"')), sub=S_NONE, pos=0, inner=0)
+  n.when((sub == S_QUOTE) & cls(_QUOTE_TEXT) & (s.pos < MAX_TEXT) & ~((c == ord(":")) &
+                                                                      (s.inner == 1)),
+         pos=s.pos + 1, inner=(c == ord(":")).astype(jnp.int32))
   deco, deco_ok, deco_end = _word(s, c, c == ord("!"), _DECO_NEXT, _DECO_FINAL)
   n.when((sub == S_DECO) & deco_ok, pos=deco.pos, sub=jnp.where(deco_end, S_NONE, S_DECO))
   # Grace notes: `{`, an optional `/`, then notes (accidentals, pitch, octave marks, length).
@@ -587,6 +631,8 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(grace & (cls(_OCTAVE) | cls(_DIGIT) | (c == ord("/")) | (c == ord("-"))) &
          s.in_chord_note)
   n.when(grace & (c == ord("/")) & (s.inner == 0) & (s.pos == 0) & (s.num == 0), pos=1)
+  n.when(grace & (cls(_DECORATION) | (c == ord("(")) | (c == ord(")"))) & (s.num == 0),
+         in_chord_note=False)
   n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1)
   field_sub = jnp.select([s.fixed == ord("M"), s.fixed == ord("K"), s.fixed == ord("Q")],
                          [S_FIELD_METER, S_FIELD_WORD, S_FIELD_TEMPO], S_FIELD_TEXT)
@@ -617,8 +663,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   bracket = sub == S_FIELD_KEY
   n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS), fixed=c)
   n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _fits(s, MIN_TICKS),
-         sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH),
-         started=True)
+         sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False)
   # Tuplet specs: `(3`, or `(p:q:r` with single digits.
   tup = sub == S_TUPLET
   field_value = jnp.stack([s.tp, s.tq, s.tr])[s.tuplet.clip(0, 2)]
@@ -629,13 +674,30 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
   # The spec ends at its first other character; `(` without a digit opens a slur.
   spec_done = tup & ~n.ok & (((s.tuplet == 0) & (s.tp == 3)) | ((s.tuplet == 2) & (s.tr > 0)))
-  free = ~n.ok & ((sub == S_NONE) | spec_done | (sub == S_PAREN))
+  # The first line's bars may open with a barline (`|:`), the same for every voice.
+  symbol = jnp.asarray(_BAR_SYMBOL)[c]
+  left = sub == S_LEFT
+  code = s.bar_code * 16 + symbol
+  n.when(left & (symbol > 0) & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
+         jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
+         _may_become(code, s.left_code), bar_code=code)
+  left_done = left & ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
+      (s.left_code < 0) | (s.left_code == s.bar_code))
+  # (The tokenizer cuts the bar before a left barline: an eos, then a patch opening with it.)
+  n.when((sub == S_NONE) & s.fresh & (s.line == 0) & (c == tokenizer.EOS) & (t > 0),
+         sub=S_LEFT_NEXT)
+  left_opens = (t == 0) & (symbol > 0) & (symbol <= 2) & _may_become(symbol, s.left_code)
+  n.when(((sub == S_LEFT_NEXT) | ((sub == S_NONE) & s.fresh & (s.line == 0))) & left_opens,
+         sub=S_LEFT, bar_code=symbol, fresh=False)
+  free = ~n.ok & ((sub == S_NONE) | spec_done | (sub == S_PAREN) | left_done)
   s = s.replace(
       sub=jnp.where(free, S_NONE, s.sub),
       group_left=jnp.where(spec_done, jnp.where(s.tuplet == 0, 3, s.tr), s.group_left),
       group_p=jnp.where(spec_done, s.tp, s.group_p),
       group_q=jnp.where(spec_done, jnp.where(s.tuplet == 0, 2, s.tq), s.group_q),
-      group_sum=jnp.where(spec_done, 0, s.group_sum), need_note=s.need_note | spec_done)
+      group_sum=jnp.where(spec_done, 0, s.group_sum), need_note=s.need_note | spec_done,
+      left_here=jnp.where(left_done, s.bar_code, s.left_here),
+      bar_code=jnp.where(left_done, 0, s.bar_code), fresh=s.fresh & ~free)
   n.state = _select(free, s, n.state)
   # 2. The note being read takes length characters.
   reading = free & (s.tok != T_IDLE)
@@ -659,34 +721,41 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   free = free & ~n.ok & commit_ok
   s = committed
   n.state = _select(free, s, n.state)
-  note_ok = free & ~(s.after_note & (s.group_left > 0) & False) & _fits(s, MIN_TICKS)
+  note_ok = free & _fits(s, MIN_TICKS)
   n.when(note_ok & (cls(_PITCH) | cls(_REST)), tok=T_PITCH, rest=cls(_REST), after_note=False,
-         tied=False, started=True)
-  n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False, started=True)
+         tied=False)
+  n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False)
   n.when(free & (c == ord("[")), sub=S_FIELD_KEY, fixed=0, after_note=False)
-  n.when(free & (c == ord("(")), sub=S_PAREN, after_note=False, started=True)
+  n.when(free & (c == ord("(")), sub=S_PAREN, after_note=False)
   n.when(free & (c == ord(")")))
   n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
   n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0),
          after_note=False, need_note=True)
   n.when(free & (c == ord(" ")), after_note=False)
-  n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, after_note=False)
+  n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False)
   n.when(free & (c == ord("!")), sub=S_DECO, pos=0, after_note=False)
   n.when(free & (c == ord("{")) & ~s.need_note, sub=S_GRACE, inner=0, pos=0, num=0,
          in_chord_note=False, after_note=False)
   n.when(free & cls(_DECORATION), after_note=False)
   # The bar ends: an eos before the barline that opens the next voice's patch, or the barline.
-  complete = free & _content_complete(s)
+  left_ok = (s.line > 0) | (s.left_code < 0) | (s.left_code == s.left_here)
+  complete = free & _content_complete(s) & left_ok
   target = jnp.where(s.target >= 0, s.target, s.acc)
-  ends = dict(target=target, after_note=False)
+  ends = dict(target=target, after_note=False,
+              left_code=jnp.where(s.line == 0, s.left_here, s.left_code))
   n.when(complete & (c == tokenizer.EOS) & (t > 0) & (s.voice < s.voices),
          ctx=BARLINE, bar_code=0, bar_where=0, **ends)
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
-  n.when(complete & (symbol > 0) & (symbol <= 2) & (t > 0), ctx=BARLINE, bar_code=symbol,
-         bar_where=1, **ends)
-  n.when(complete & (symbol > 0) & (symbol <= 2) & (t == 0), ctx=BARLINE, bar_code=symbol,
-         bar_where=2, **ends)
+  opens = complete & (symbol > 0) & (symbol <= 2) & _may_become(symbol, s.right_code)
+  n.when(opens & (t > 0), ctx=BARLINE, bar_code=symbol, bar_where=1, **ends)
+  n.when(opens & (t == 0), ctx=BARLINE, bar_code=symbol, bar_where=2, **ends)
   return n.state, n.ok
+
+
+def _may_become(code: jax.Array, right: jax.Array) -> jax.Array:
+  """A barline read so far (`code`) can still become the line's barline (`right`; -1: any)."""
+  shifted = jnp.right_shift(right, 4 * jnp.arange(_BARLINE_LEN, dtype=jnp.int32))
+  return (right < 0) | jnp.any(shifted == code)
 
 
 def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
@@ -696,7 +765,8 @@ def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   code = s.bar_code * 16 + symbol
   n.when((symbol > 0) & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
-         jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)], bar_code=code)
+         jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
+         _may_become(code, s.right_code), bar_code=code)
   # The barline is complete: every voice of a line closes with the same one.
   ended = ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
       (s.right_code < 0) | (s.right_code == s.bar_code))
@@ -815,7 +885,7 @@ def step(s: State, c: jax.Array, t: jax.Array,
   ok = jnp.stack([o[1] for o in outcomes])[which] & ~s.dead
   if header is not None:
     state, ok = _force(s, state, ok, c, t, header)
-  return state.replace(after_eos=c == tokenizer.EOS), ok
+  return state, ok
 
 
 def admissible(states: State, t: jax.Array,

@@ -12,6 +12,9 @@ patch, draws whole patches inside one compiled loop, and runs many pieces at onc
 its own RNG stream (a piece's draws depend on its seed and index only), its own context length and
 stop state, and a finished row takes the next waiting piece (continuous batching). Prompts waiting
 for rows are encoded together, and the weights can be read in bfloat16 (`Sampler`'s dtype).
+
+With `Settings(constrained=True)` each character is drawn among those `constraint` admits, so
+that every piece is well-formed (and the first body patch needs no forcing).
 """
 
 from __future__ import annotations
@@ -206,20 +209,22 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState, settings: Settings
                          state.grammar)
   # Chars given as a prefix are already in the piece's text; the forced `[r:0/` is not.
   text_from = state.prefix_len
-  # Constrained, the first body patch starts `[r:0/` already.
-  redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER) & (
-      not settings.constrained)
+  if settings.constrained:
+    redo = jnp.zeros_like(state.active)  # the grammar starts the body with `[r:0/` already
+  else:
+    redo = state.active & ~state.in_body & _starts_with(chars, state.prefix_len, BODY_MARKER)
 
-  def regenerate(chars):
-    forced = jnp.array([ord(c) for c in FIRST_BODY_PREFIX] + [0] * (p - len(FIRST_BODY_PREFIX)))
-    redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
-    again, _ = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
-                           jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)), redo_keys,
-                           settings, cache_type, state.grammar, header)
-    return jnp.where(redo[:, None], again, chars)
+    def regenerate(chars):
+      forced = jnp.array([ord(c) for c in FIRST_BODY_PREFIX] +
+                         [0] * (p - len(FIRST_BODY_PREFIX)))
+      redo_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, p)
+      again, _ = _draw_patch(model, state.hidden, jnp.broadcast_to(forced, chars.shape),
+                             jnp.full_like(state.prefix_len, len(FIRST_BODY_PREFIX)),
+                             redo_keys, settings, cache_type, state.grammar, header)
+      return jnp.where(redo[:, None], again, chars)
 
-  chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
-  text_from = jnp.where(redo, 0, text_from)
+    chars = jax.lax.cond(jnp.any(redo), regenerate, lambda c: c, chars)
+    text_from = jnp.where(redo, 0, text_from)
   chars = _pad_after_eos(chars)
   ended = _starts_with(chars, text_from, chr(tokenizer.BOS) + chr(tokenizer.EOS))
   full = state.length + 1 >= cfg.patch_length
