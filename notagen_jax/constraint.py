@@ -3,16 +3,18 @@
 The automaton reads what the sampler writes, character by character and patch by patch, and says
 which of the 128 characters may come next. What it admits is NotaGen's training form:
 
-- metadata lines in the training data's order and syntax: `%` comment lines, `%%score` (naming
-  voices 1 to n, each once), `L:1/d`, `Q:`, `M:`, `K:`, then `V:1`, `V:2`, ... numbered in order
-  (as many as `%%score` names);
+- metadata lines in the training data's order and syntax: up to three `%` comment lines,
+  `%%score` (voices 1 to n, each once, in nested groups), `L:1/d`, `Q:n/d=bpm`, `M:`, `K:` (a key
+  or a clef), then `V:` lines for voices 1 to n (in `%%score`'s order when there is one) with a
+  clef and quoted names;
 - body lines `[r:i/j]` with i counting the lines, then voices in increasing order, each declared
   and at most once (rest reduction leaves out the voices that rest), each `[V:n]` bar closed by a
-  barline; the first voice's bar lasts at most two bars of the meter (pickups and the training
-  data's short and long bars), every other voice's bar lasts exactly as long and ends with the
-  same barline, durations read as abctoolkit reads them (unit length, multipliers and fractions,
-  broken rhythm, `(3` and `(p:q:r` tuplets rounded as it rounds them, chords, grace notes as zero,
-  decorations, annotations and inline fields as nothing);
+  barline (the first line's may also open with one); the first voice's bar lasts at most
+  BAR_LIMIT bars of the meter (pickups and the training data's short and long bars), every other
+  voice's bar lasts exactly as long and ends with the same barline, durations read as abctoolkit
+  reads them (unit length, multipliers and fractions, broken rhythm, `(3` and `(p:q:r` tuplets
+  rounded as it rounds them, chords, grace notes as zero, decorations, annotations and inline
+  fields as nothing);
 - patches cut as the tokenizer cuts them: eos only where a bar or a line ends, the barline of a
   voice that is not the line's last opening the next patch, `\n` ending the line's last patch;
   the piece ends with the bos-eos patch after a complete line.
@@ -41,7 +43,6 @@ import numpy as np
 from notagen_jax.data import tokenizer
 
 VOCAB = 128
-PATCH = 16
 # Ticks per unit note length: every dyadic length down to 1/64 and every tuplet ratio p <= 9 of
 # such lengths is a whole number of ticks.
 TICKS = 2**9 * 315
@@ -179,7 +180,7 @@ _FIXED_CHARS, _FIXED_LEN = _fixed_tables()
 class State:
   """One row's automaton state (int32 / bool scalars; arrays of them for a batch)."""
   ctx: jax.Array
-  pos: jax.Array  # position in a fixed string, or digits read of a number
+  pos: jax.Array  # position in a fixed string, a word's trie node, digits or text length read
   fixed: jax.Array  # which fixed string
   # Header.
   rank: jax.Array
@@ -210,7 +211,9 @@ class State:
   den: jax.Array
   after_note: jax.Array  # a tie or a broken rhythm may follow
   need_note: jax.Array  # a broken rhythm or a tuplet waits for its note
-  inner: jax.Array  # notes in the open chord or grace group
+  # Notes in the open chord or grace group; in an annotation, a `:` just written; `%%score`'s
+  # open brackets (a base-4 stack); in a V: line, an open quote.
+  inner: jax.Array
   in_chord_note: jax.Array  # a chord note's pitch was read (octave marks or a tie may follow)
   rest: jax.Array  # the note being read is a rest (no octave marks)
   tied: jax.Array  # the last note has its tie
@@ -229,17 +232,12 @@ class State:
 
 def initial() -> State:
   """The state after the bos patch: a metadata line starts."""
-  i = lambda v: jnp.int32(v)
-  return State(
-      ctx=i(H_LINE), pos=i(0), fixed=i(0), rank=i(R_START),
-      score_voices=i(0), score_seen=i(0), voices_seen=i(0), number=i(0), voices=i(0), unit_den=i(8), meter_num=i(4),
-      meter_den=i(4), meter_part=i(0), line=i(0), voice=i(0), target=i(-1), left_code=i(-1), left_here=i(0), fresh=jnp.bool_(False),
-      bar_code=i(0), right_code=i(-1), bar_where=i(0), acc=i(0),
-      sub=i(S_NONE), tok=i(T_IDLE), num=i(0), den=i(0), after_note=jnp.bool_(False),
-      need_note=jnp.bool_(False), inner=i(0), in_chord_note=jnp.bool_(False),
-      rest=jnp.bool_(False), tied=jnp.bool_(False), comments=i(0), forced_at=i(0), tuplet=i(0),
-      tp=i(0), tq=i(0), tr=i(0), group_left=i(0), group_sum=i(0), group_p=i(1), group_q=i(1),
-      dead=jnp.bool_(False))
+  flags = ("fresh", "after_note", "need_note", "in_chord_note", "rest", "tied", "dead")
+  fields = {f.name: jnp.bool_(False) if f.name in flags else jnp.int32(0)
+            for f in dataclasses.fields(State)}
+  starts = dict(ctx=H_LINE, rank=R_START, unit_den=8, meter_num=4, meter_den=4, target=-1,
+                left_code=-1, right_code=-1, sub=S_NONE, tok=T_IDLE, group_p=1, group_q=1)
+  return State(**{**fields, **{k: jnp.int32(v) for k, v in starts.items()}})
 
 
 def _digits(n: jax.Array) -> jax.Array:
@@ -488,7 +486,8 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(score & nests & closes_number, number=0, score_voices=closed, score_seen=seen,
          inner=stack)
   n.when(score & (c == ord("\n")) & closes_number & (closed > 0) & (s.inner == 0) &
-         (seen == jnp.left_shift(1, closed) - 1), number=0, score_voices=closed, ctx=EOL)
+         (seen == jnp.left_shift(1, closed) - 1), number=0, score_voices=closed, score_seen=seen,
+         ctx=EOL)
   # `L:1/d`.
   unit = s.ctx == H_UNIT
   unit2 = s.number * 10 + digit
@@ -951,8 +950,8 @@ _advance_rows = jax.jit(jax.vmap(_advance))
 
 
 def first_rejections(pieces: list[list[list[int]]]) -> list[int | None]:
-  """For pieces given as patches (lists of ids, the bos patch first), the index of the first character
-  the automaton does not admit in each (None: admitted), all rows at once."""
+  """For pieces given as patches (lists of ids, the bos patch first), the index of the first
+  character the automaton does not admit in each (None: admitted), all rows at once."""
   rows = [patch_chars(patches[1:]) for patches in pieces]
   size = 1 << (max(len(chars) for chars, _ in rows) - 1).bit_length()
   chars = np.zeros((len(rows), size), np.int32)

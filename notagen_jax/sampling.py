@@ -158,7 +158,9 @@ def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
     probs = jnp.exp(logprobs[:, 0])
     drawing = t >= prefix_len
     if settings.constrained:
-      following, admitted = constraint.admissible(grammar, t, header)
+      # Only the mask of every candidate is kept (XLA drops their next states); the drawn char's
+      # next state is computed once below.
+      _, admitted = constraint.admissible(grammar, t, header)
       live = drawing & ~closed & ~grammar.dead
       stuck = live & ~admitted.any(-1)
       allowed = jnp.where((live & ~stuck)[:, None], admitted, True)
@@ -170,7 +172,7 @@ def _draw_patch(model: model_lib.NotaGen, hidden: jax.Array, prefix: jax.Array,
     drawn = draw(char_keys, probs, settings)
     char = jnp.where(drawing, drawn, prefix[:, t]).astype(jnp.int32)
     if settings.constrained:
-      moved = jax.tree.map(lambda a: jnp.take_along_axis(a, drawn[:, None], 1)[:, 0], following)
+      moved, _ = jax.vmap(constraint.step, (0, 0, None, None))(grammar, drawn, t, header)
       grammar = jax.tree.map(lambda new, old: jnp.where(live & ~stuck, new, old), moved, grammar)
       grammar = grammar.replace(dead=grammar.dead | stuck)
       closed = closed | (char == tokenizer.EOS)

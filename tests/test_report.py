@@ -107,10 +107,11 @@ def test_generate_writes_an_index_that_opens_in_a_browser(golden_dir, browser, t
   subprocess.run(
       [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
        f"--output={out}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
-       "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4"],
-      cwd=REPO, capture_output=True, text=True, check=True)
+       "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=4",
+       "--noconstrained"], cwd=REPO, capture_output=True, text=True, check=True)
   sections = _open(browser, out / "index.html", "generate_tiny_model.png")
-  # The tiny random model writes noise: both pieces are shown, failed, with their reasons.
+  # Unconstrained, the tiny random model writes noise: both pieces are shown, failed, with their
+  # reasons.
   assert [s.get_attribute("id") for s in sections] == ["piece_00000", "piece_00001"]
   for section in sections:
     assert "failed" in section.get_attribute("class")
