@@ -137,6 +137,7 @@ def test_random_walks_through_the_automaton_are_well_formed(seed):
   _check_well_formed(text)
 
 
+@pytest.mark.slow  # about a minute (the constrained loop's compile); generate's tests run it too
 def test_a_random_model_writes_well_formed_pieces_with_the_header_it_is_given():
   """One sampler (one compiled loop): free pieces, pieces with fixed header lines, and a prompt
   that ends inside a bar."""
