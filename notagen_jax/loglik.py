@@ -18,40 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
-
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from notagen_jax import checkpoint
 from notagen_jax import cli
-from notagen_jax import model as model_lib
+from notagen_jax import metrics
 from notagen_jax import sampling
 from notagen_jax import storage
 from notagen_jax.data import abc
 from notagen_jax.data import corpus
 from notagen_jax.data import tokenizer
-
-# Pieces are padded to a multiple of this many patches so that few lengths get compiled.
-BUCKET = 64
-
-_forward = nnx.jit(model_lib.forward, static_argnames=("deterministic", "packed_len"))
-
-
-def score_ids(model: model_lib.NotaGen, ids: Sequence[Sequence[int]]) -> dict[str, float | int]:
-  """n_patches, n_chars, mean_nll and sum_logprob of one encoded piece."""
-  n = len(ids)
-  length = min(-(-n // BUCKET) * BUCKET, model.cfg.patch_length)
-  patches = np.zeros((1, length, model.cfg.patch_size), np.int32)
-  patches[0, :n] = ids
-  mask = (np.arange(length) < n)[None].astype(np.int32)
-  out = _forward(model, jnp.asarray(patches), jnp.asarray(mask))
-  n_chars = int(out.n_chars[0])
-  sum_logprob = float(out.sum_logprob[0])
-  return {"n_patches": n, "n_chars": n_chars, "mean_nll": -sum_logprob / max(n_chars, 1),
-          "sum_logprob": sum_logprob}
-
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m notagen_jax.loglik", description=__doc__,
@@ -83,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
       except (ValueError, OSError) as error:  # abc.PieceError is a ValueError
         _not_scored(name, error)
         continue
-      lines.append(json.dumps({"file": name, **score_ids(model, patchilizer.encode_train(text))}))
+      lines.append(json.dumps({"file": name, **metrics.score_ids(model, patchilizer.encode_train(text))}))
       print(lines[-1], flush=True)
   if args.output:
     storage.path(args.output).write_text("".join(line + "\n" for line in lines))

@@ -22,12 +22,35 @@ import fractions
 import math
 from typing import Sequence
 
-from notagen_jax import loglik
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from notagen_jax import model as model_lib
 from notagen_jax.data import abc
 from notagen_jax.data import pipeline
 from notagen_jax.data import tokenizer
 from notagen_jax.scoring import preferences
+
+# Pieces are padded to a multiple of this many patches so that few lengths get compiled.
+BUCKET = 64
+
+_forward = nnx.jit(model_lib.forward, static_argnames=("deterministic", "packed_len"))
+
+
+def score_ids(model: model_lib.NotaGen, ids: Sequence[Sequence[int]]) -> dict[str, float | int]:
+  """n_patches, n_chars, mean_nll and sum_logprob of one encoded piece."""
+  n = len(ids)
+  length = min(-(-n // BUCKET) * BUCKET, model.cfg.patch_length)
+  patches = np.zeros((1, length, model.cfg.patch_size), np.int32)
+  patches[0, :n] = ids
+  mask = (np.arange(length) < n)[None].astype(np.int32)
+  out = _forward(model, jnp.asarray(patches), jnp.asarray(mask))
+  n_chars = int(out.n_chars[0])
+  sum_logprob = float(out.sum_logprob[0])
+  return {"n_patches": n, "n_chars": n_chars, "mean_nll": -sum_logprob / max(n_chars, 1),
+          "sum_logprob": sum_logprob}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +100,7 @@ def log_likelihood(model: model_lib.NotaGen, text: str) -> dict[str, float | int
   """
   patchilizer = tokenizer.Patchilizer(patch_size=model.cfg.patch_size,
                                       patch_length=model.cfg.patch_length)
-  scored = loglik.score_ids(model, pipeline.preference_ids(patchilizer, text))
+  scored = score_ids(model, pipeline.preference_ids(patchilizer, text))
   return {"sum_logprob": scored["sum_logprob"], "scored_chars": scored["n_chars"]}
 
 
