@@ -218,6 +218,7 @@ class State:
   rest: jax.Array  # the note being read is a rest (no octave marks)
   tied: jax.Array  # the last note has its tie
   comments: jax.Array  # `%` lines of the header
+  info_line: jax.Array  # the header's one `I:` line is written
   forced_at: jax.Array  # characters of a fixed header field written
   tuplet: jax.Array  # the (p:q:r field being read, 0..2, and digits as number
   tp: jax.Array
@@ -232,7 +233,8 @@ class State:
 
 def initial() -> State:
   """The state after the bos patch: a metadata line starts."""
-  flags = ("fresh", "after_note", "need_note", "in_chord_note", "rest", "tied", "dead")
+  flags = ("fresh", "after_note", "need_note", "in_chord_note", "rest", "tied", "info_line",
+           "dead")
   fields = {f.name: jnp.bool_(False) if f.name in flags else jnp.int32(0)
             for f in dataclasses.fields(State)}
   starts = dict(ctx=H_LINE, rank=R_START, unit_den=8, meter_num=4, meter_den=4, target=-1,
@@ -448,8 +450,8 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   more_voices = (s.score_voices == 0) | (s.voices < s.score_voices)
   n.when(line & (c == ord("V")) & (rank >= R_KEY) & more_voices,
          **fixed(F_VOICE, rank=R_VOICES, pos=0))
-  n.when(line & (c == ord("I")) & (rank >= R_UNIT) & (s.comments < 2 * MAX_COMMENTS),
-         **fixed(F_INFO, pos=0, comments=2 * MAX_COMMENTS))
+  n.when(line & (c == ord("I")) & (rank >= R_UNIT) & ~s.info_line,
+         **fixed(F_INFO, pos=0, info_line=True))
   voices_done = (rank == R_VOICES) & ((s.score_voices == 0) | (s.voices == s.score_voices))
   n.when(line & (c == ord("[")) & voices_done,
          ctx=B_FIXED, fixed=F_MARKER, pos=1, voice=0, target=-1, right_code=-1)
