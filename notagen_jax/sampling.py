@@ -231,7 +231,8 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState, settings: Settings
   ended = _starts_with(chars, text_from, chr(tokenizer.BOS) + chr(tokenizer.EOS))
   full = state.length + 1 >= cfg.patch_length
   event = jnp.where(~state.active, IDLE, jnp.where(ended, ENDED, jnp.where(full, FULL, APPENDED)))
-  event = jnp.where(state.active & grammar.dead, DEAD, event)
+  # Strongly typed: a weakly typed `active` fed back would compile the next call again.
+  event = jnp.where(state.active & grammar.dead, DEAD, event).astype(jnp.int32)
   feed = event == APPENDED
   hidden, cache = model.patch.decode(chars[:, None], state.cache, state.length)
   state = state.replace(

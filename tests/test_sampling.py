@@ -199,7 +199,10 @@ def _reference_generate(model, prompt, seed, index, settings):
 def test_sampler_draws_what_the_uncached_loop_draws(sharp_model):
   settings = sampling.Settings(max_chars=400)
   sampler = sampling.Sampler(sharp_model, settings, batch=2, patches_per_call=4)
+  compiled = sampling._generate._cache_size()
   results = sampler.run([PROMPT] * 3, seed=7)
+  # One program for the whole run: finishing and refilling rows changes no input's type.
+  assert sampling._generate._cache_size() == compiled + 1
   for result in results:
     expected, ok = _reference_generate(sharp_model, PROMPT, 7, result.index, settings)
     assert result.text == expected
