@@ -90,6 +90,10 @@ DECORATIONS = ("pppp", "ppp", "pp", "p", "mp", "mf", "f", "ff", "fff", "ffff", "
 # A note being read: accidentals, its pitch (octave marks may follow), numerator digits, `/`,
 # denominator digits.
 T_IDLE, T_ACC, T_PITCH, T_NUM, T_SLASH, T_DEN = range(6)
+# A `V:` line's names and options: an item's start, its key, `=`, a quoted or plain value, a
+# closed quote.
+N_ITEM, N_KEY, N_EQUALS, N_QUOTE, N_VALUE, N_CLOSED = range(6)
+MAX_KEY = 12
 # Barlines as abctoolkit splits them, with a volta number after; one code per spelling.
 _BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", ":||", "||:", ":|]")
 _BARLINE_SYMBOLS = {"|": 1, ":": 2, "]": 3, **{str(d): 4 + d for d in range(1, 10)}}
@@ -106,8 +110,9 @@ def _table(chars: str) -> np.ndarray:
 
 _PRINTABLE = np.zeros(VOCAB, bool)
 _PRINTABLE[32:127] = True
-# Header text (names, tempo words) also holds tabs and carriage returns in the training data.
-_HEADER_TEXT = _PRINTABLE | _table("\t\r")
+# Header text (comments, tempo words) may hold tabs; not carriage returns, which abc2xml reads as
+# line breaks.
+_HEADER_TEXT = _PRINTABLE | _table("\t")
 _DIGIT = _table("0123456789")
 _PITCH = _table("ABCDEFGabcdefg")
 _REST = _table("zx")
@@ -115,10 +120,12 @@ _ACCIDENTAL = _table("^_=")
 _OCTAVE = _table("',")
 _DECORATION = _table(DECORATION_LETTERS + ".")
 _FIELD_LETTERS = _table("KMQI")
-# Text that abctoolkit might read as a barline (or a field) is kept out of annotations and names.
-_QUOTE_TEXT = _PRINTABLE & ~_table('"|[]')
+# Text that abctoolkit might read as a barline or a field, or pair with a decoration's `!` or a
+# grace group's braces (it drops those before annotations), is kept out of annotations.
+_QUOTE_TEXT = _PRINTABLE & ~_table('"|[]!{}')
 _NAME_TEXT = _HEADER_TEXT & ~_table('"')
-_NAME_KEYS = _table("abcdefghijklmnopqrstuvwxyz0123456789=+- ")
+_LOWER = _table("abcdefghijklmnopqrstuvwxyz")
+_VALUE = _LOWER | _DIGIT | _table("ABCDEFGHIJKLMNOPQRSTUVWXYZ+-")
 _INFO_TEXT = _table("abcdefghijklmnopqrstuvwxyz0123456789 ")
 
 
@@ -212,7 +219,7 @@ class State:
   after_note: jax.Array  # a tie or a broken rhythm may follow
   need_note: jax.Array  # a broken rhythm or a tuplet waits for its note
   # Notes in the open chord or grace group; in an annotation, a `:` just written; `%%score`'s
-  # open brackets (a base-4 stack); in a V: line, an open quote.
+  # open brackets (a base-4 stack); in a V: line, where its names stand (N_*).
   inner: jax.Array
   in_chord_note: jax.Array  # a chord note's pitch was read (octave marks or a tie may follow)
   rest: jax.Array  # the note being read is a rest (no octave marks)
@@ -324,6 +331,9 @@ def _commit(s: State) -> tuple[State, jax.Array]:
       acc=jnp.where(pending, acc, s.acc),
       group_sum=jnp.where(pending & in_group, jnp.where(closes, 0, group_sum), s.group_sum),
       group_left=jnp.where(pending & in_group, s.group_left - 1, s.group_left),
+      # (0 marks a note that closed its group: no broken rhythm may pair it with the next.)
+      group_p=jnp.where(pending, jnp.where(closes, 0, jnp.where(in_group, s.group_p, 1)),
+                        s.group_p),
       tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
       after_note=s.after_note | pending, need_note=s.need_note & ~pending,
       tied=s.tied & ~pending)
@@ -403,7 +413,8 @@ def _meter(s: State, c: jax.Array, end: int) -> tuple[State, jax.Array, jax.Arra
   n.when((part == 1) & is_digit & _meter_denominator(number * 10 + digit),
          number=number * 10 + digit, pos=s.pos + 1)
   n.when((part == 0) & (s.pos == 0) & (c == ord("C")), meter_part=2)
-  n.when((part == 2) & (c == ord("|")), meter_part=3)
+  if end == ord("\n"):  # (in an inline `[M:C|]`, abctoolkit would read `|]` as a barline)
+    n.when((part == 2) & (c == ord("|")), meter_part=3)
   n.when((part == 0) & (s.pos == 0) & (c == ord("n")), meter_part=4, pos=1)
   none_char = jnp.asarray(np.array([ord(ch) for ch in "none"], np.int32))[s.pos.clip(0, 3)]
   n.when((part == 4) & (s.pos < 4) & (c == none_char), pos=s.pos + 1)
@@ -478,18 +489,24 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   number = s.number * 10 + digit
   n.when(score & cls(_DIGIT) & (number > 0) & (number <= MAX_SCORE_VOICES) &
          (_unseen(s.score_seen, number, number) |
-          _unseen(s.score_seen, number * 10, number * 10 + 9)), number=number)
-  # Brackets, braces and parentheses nest (at most three deep, `inner` their stack) and close.
+          _unseen(s.score_seen, number * 10, number * 10 + 9)), number=number, pos=1)
+  # Groups as abc2xml reads them, at most three deep: brackets hold brackets and braces, braces
+  # hold parentheses (`inner` is the stack, base 4), none empty; `|` between two items outside
+  # parentheses. (`pos`: 1 after an item, 2 after a `|`.)
   opener = jnp.select([c == ord("["), c == ord("{"), c == ord("(")], [1, 2, 3], 0)
   closer = jnp.select([c == ord("]"), c == ord("}"), c == ord(")")], [1, 2, 3], 0)
-  stack = jnp.select([opener > 0, closer > 0], [s.inner * 4 + opener, s.inner // 4], s.inner)
-  nests = ((opener > 0) & (s.inner < 16)) | ((closer > 0) & (s.inner % 4 == closer)) | (
-      (c == ord(" ")) | (c == ord("|")))
-  n.when(score & nests & closes_number, number=0, score_voices=closed, score_seen=seen,
-         inner=stack)
-  n.when(score & (c == ord("\n")) & closes_number & (closed > 0) & (s.inner == 0) &
-         (seen == jnp.left_shift(1, closed) - 1), number=0, score_voices=closed, score_seen=seen,
-         ctx=EOL)
+  top = s.inner % 4
+  after_item = (s.pos == 1) | (s.number > 0)
+  ends = dict(number=0, score_voices=closed, score_seen=seen)
+  nests = (opener > top) | ((opener == 1) & (top == 1))
+  n.when(score & nests & (s.inner < 16) & closes_number, inner=s.inner * 4 + opener, pos=0,
+         **ends)
+  n.when(score & (closer > 0) & (closer == top) & after_item & closes_number, inner=s.inner // 4,
+         pos=1, **ends)
+  n.when(score & (c == ord("|")) & after_item & (top != 3) & closes_number, pos=2, **ends)
+  n.when(score & (c == ord(" ")) & closes_number, **ends)
+  n.when(score & (c == ord("\n")) & closes_number & after_item & (s.inner == 0) &
+         (seen == jnp.left_shift(1, closed) - 1), ctx=EOL, pos=0, **ends)
   # `L:1/d`.
   unit = s.ctx == H_UNIT
   unit2 = s.number * 10 + digit
@@ -523,12 +540,20 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
                                   _CLEF_FINAL)
   n.when((s.ctx == H_CLEF) & clef_ok, pos=clef.pos,
          ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0)
+  # Names and options as abc2xml reads them: `key="text"` or `key=value`, one space apart.
   names = s.ctx == H_NAMES
-  n.when(names & (c == ord("\n")) & (s.inner == 0), ctx=EOL)
-  n.when(names & (c == ord('"')), inner=1 - s.inner, pos=0)
-  n.when(names & (s.inner == 1) & cls(_NAME_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
-  n.when(names & (s.inner == 0) & cls(_NAME_KEYS))
-  # `V:n`: the next voice number, then its name and clef.
+  inner = s.inner
+  n.when(names & ((inner == N_ITEM) | (inner == N_CLOSED) | (inner == N_VALUE)) &
+         (c == ord("\n")), ctx=EOL)
+  n.when(names & ((inner == N_CLOSED) | (inner == N_VALUE)) & (c == ord(" ")), inner=N_ITEM)
+  n.when(names & ((inner == N_ITEM) | (inner == N_KEY)) & cls(_LOWER) & (s.pos < MAX_KEY),
+         inner=N_KEY, pos=s.pos + 1)
+  n.when(names & (inner == N_KEY) & (c == ord("=")), inner=N_EQUALS, pos=0)
+  n.when(names & (inner == N_EQUALS) & (c == ord('"')), inner=N_QUOTE)
+  n.when(names & ((inner == N_EQUALS) | (inner == N_VALUE)) & cls(_VALUE) & (s.pos < MAX_TEXT),
+         inner=N_VALUE, pos=s.pos + 1)
+  n.when(names & (inner == N_QUOTE) & cls(_NAME_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
+  n.when(names & (inner == N_QUOTE) & (c == ord('"')), inner=N_CLOSED, pos=0)
   # `V:n`: the next voice number (with `%%score`, any voice it names not declared yet, as
   # `%%score` orders them), then its clef and names.
   voice = s.ctx == H_VOICE
@@ -551,16 +576,10 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
 
 
 def _line_end(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
-  """After a line's `\\n`: eos closes its patch, unless the patch is full."""
+  """Within the patch of a line's `\\n`: eos closes it (a full patch starts the next line, which
+  `step` reads from the line's start)."""
   start = jnp.where(s.line > 0, B_LINE, H_LINE)
-  at_start = s.replace(ctx=start)
-  header, header_ok = _header(at_start, c, t)
-  body, body_ok = _body_start(at_start, c, t)
-  full = jnp.where(s.line > 0, body_ok, header_ok)
-  next_state = jax.tree.map(lambda a, b: jnp.where(s.line > 0, a, b), body, header)
-  eos = (c == tokenizer.EOS) & (t > 0)
-  state = jax.tree.map(lambda a, b: jnp.where(t == 0, a, b), next_state, at_start)
-  return state, jnp.where(t == 0, full, eos)
+  return s.replace(ctx=start), (c == tokenizer.EOS) & (t > 0)
 
 
 def _body_start(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
@@ -623,18 +642,24 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when((sub == S_DECO) & deco_ok, pos=deco.pos, sub=jnp.where(deco_end, S_NONE, S_DECO))
   # Grace notes: `{`, an optional `/`, then notes (accidentals, pitch, octave marks, length).
   grace = sub == S_GRACE
-  # (`num` counts a grace note's accidentals, `pos` marks the leading `/`.)
-  grace = sub == S_GRACE
-  n.when(grace & (c == ord("}")) & (s.inner > 0) & (s.num == 0), sub=S_NONE, inner=0,
-         in_chord_note=False, pos=0)
-  n.when(grace & cls(_PITCH), inner=1, in_chord_note=True, num=0)
-  n.when(grace & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num < 2), num=s.num + 1)
-  n.when(grace & (cls(_OCTAVE) | cls(_DIGIT) | (c == ord("/")) | (c == ord("-"))) &
-         s.in_chord_note)
+  # (`num` counts a grace or chord note's accidentals, the first in `fixed`: one, `^^` or `__`;
+  # `pos` marks the leading `/`.)
+  doubled = cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 1) & (c == s.fixed) & (c != ord("="))
+  # A note's octave marks are all `,` or all `'` (the first in `fixed`).
+  octave = cls(_OCTAVE) & ((c == s.fixed) | ~jnp.asarray(_OCTAVE)[s.fixed.clip(0, VOCAB - 1)])
+  n.when(grace & (c == ord("}")) & (s.inner > 0) & (s.num == 0) & (s.den != 2), sub=S_NONE,
+         inner=0, in_chord_note=False, pos=0, den=0)
+  n.when(grace & cls(_PITCH), inner=1, in_chord_note=True, num=0, fixed=0, den=0)
+  n.when(grace & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
+  n.when(grace & doubled, num=2)
+  # (`den`: 1 once a grace note's length has begun, its octave marks before it; 2 after a
+  # decoration, which a note must follow.)
+  n.when(grace & s.in_chord_note & octave & (s.den == 0), fixed=c)
+  n.when(grace & s.in_chord_note & (cls(_DIGIT) | (c == ord("/")) | (c == ord("-"))), den=1)
   n.when(grace & (c == ord("/")) & (s.inner == 0) & (s.pos == 0) & (s.num == 0), pos=1)
-  n.when(grace & (cls(_DECORATION) | (c == ord("(")) | (c == ord(")"))) & (s.num == 0),
-         in_chord_note=False)
-  n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1)
+  # (No slurs: abc2xml cannot read them in a grace group.)
+  n.when(grace & cls(_DECORATION) & (s.num == 0), in_chord_note=False, den=2)
+  n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
   field_sub = jnp.select([s.fixed == ord("M"), s.fixed == ord("K"), s.fixed == ord("Q")],
                          [S_FIELD_METER, S_FIELD_WORD, S_FIELD_TEMPO], S_FIELD_TEXT)
   n.when((sub == S_FIELD_KEY) & (s.fixed > 0) & (c == ord(":")), sub=field_sub, meter_part=0,
@@ -653,25 +678,30 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when((sub == S_FIELD_TEXT) & (c == ord("]")) & (s.pos > 0), sub=S_NONE, pos=0)
   n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT), pos=1)
   chord = sub == S_CHORD
-  n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note)
-  n.when(chord & cls(_PITCH), inner=s.inner + 1, in_chord_note=True)
-  n.when(chord & (cls(_OCTAVE) | (c == ord("-"))) & s.in_chord_note)
-  n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False)
+  n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
+  n.when(chord & doubled, num=2)
+  n.when(chord & cls(_PITCH), inner=s.inner + 1, in_chord_note=True, num=0, fixed=0)
+  n.when(chord & octave & s.in_chord_note, fixed=c)
+  n.when(chord & (c == ord("-")) & s.in_chord_note)
+  n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
   # A chord is one note: its length follows the `]`.
-  n.when(chord & (c == ord("]")) & (s.inner > 0) & _fits(s, MIN_TICKS), sub=S_NONE, inner=0,
+  n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & _fits(s, MIN_TICKS),
+         sub=S_NONE, inner=0,
          in_chord_note=False, tok=T_PITCH, rest=True)
   # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
   bracket = sub == S_FIELD_KEY
   n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS), fixed=c)
   n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _fits(s, MIN_TICKS),
-         sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False)
+         sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False,
+         num=cls(_ACCIDENTAL).astype(jnp.int32), fixed=c)
   # Tuplet specs: `(3`, or `(p:q:r` with single digits.
   tup = sub == S_TUPLET
   field_value = jnp.stack([s.tp, s.tq, s.tr])[s.tuplet.clip(0, 2)]
   n.when(tup & (c == ord(":")) & (s.tuplet < 2) & (field_value > 0), tuplet=s.tuplet + 1)
   n.when(tup & cls(_DIGIT) & (digit > 0) & (field_value == 0),
          tq=jnp.where(s.tuplet == 1, digit, s.tq), tr=jnp.where(s.tuplet == 2, digit, s.tr))
-  n.when((sub == S_PAREN) & cls(_DIGIT) & (digit > 0) & (s.group_left == 0),
+  # (Not right after a broken rhythm, which abctoolkit would apply to the spec.)
+  n.when((sub == S_PAREN) & cls(_DIGIT) & (digit > 0) & (s.group_left == 0) & ~s.need_note,
          sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
   # The spec ends at its first other character; `(` without a digit opens a slur.
   spec_done = tup & ~n.ok & (((s.tuplet == 0) & (s.tp == 3)) | ((s.tuplet == 2) & (s.tr > 0)))
@@ -679,7 +709,9 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   left = sub == S_LEFT
   code = s.bar_code * 16 + symbol
-  n.when(left & (symbol > 0) & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
+  # (No volta number: abctoolkit cannot split a voice whose left barline has one.)
+  n.when(left & (symbol > 0) & (symbol < _BARLINE_SYMBOLS["1"]) &
+         (s.bar_code < 16**(_BARLINE_LEN - 1)) &
          jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
          _may_become(code, s.left_code), bar_code=code)
   left_done = left & ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
@@ -704,8 +736,8 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   reading = free & (s.tok != T_IDLE)
   fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok))
   n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
-  n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False)
-  n.when(reading & cls(_OCTAVE) & (s.tok == T_PITCH) & ~s.rest)
+  n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False, fixed=0)
+  n.when(reading & octave & (s.tok == T_PITCH) & ~s.rest, fixed=c)
   num2 = s.num * 10 + digit
   n.when(reading & cls(_DIGIT) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) & (num2 > 0) &
          (num2 <= MAX_NUM) & fits_min(num2, jnp.int32(0), jnp.int32(T_NUM)), tok=T_NUM,
@@ -724,13 +756,14 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.state = _select(free, s, n.state)
   note_ok = free & _fits(s, MIN_TICKS)
   n.when(note_ok & (cls(_PITCH) | cls(_REST)), tok=T_PITCH, rest=cls(_REST), after_note=False,
-         tied=False)
+         tied=False, fixed=0)
   n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False)
   n.when(free & (c == ord("[")), sub=S_FIELD_KEY, fixed=0, after_note=False)
   n.when(free & (c == ord("(")), sub=S_PAREN, after_note=False)
   n.when(free & (c == ord(")")))
   n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
-  n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0),
+  n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0) &
+         (s.group_p > 0),
          after_note=False, need_note=True)
   n.when(free & (c == ord(" ")), after_note=False)
   n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False)
@@ -765,7 +798,10 @@ def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n = _Next(s)
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   code = s.bar_code * 16 + symbol
-  n.when((symbol > 0) & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
+  # abctoolkit cannot split a voice that opens with a barline and ends with a volta number (and
+  # any complete line may be the last).
+  volta_ok = (symbol < _BARLINE_SYMBOLS["1"]) | (s.left_code <= 0)
+  n.when((symbol > 0) & volta_ok & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
          jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
          _may_become(code, s.right_code), bar_code=code)
   # The barline is complete: every voice of a line closes with the same one.
@@ -852,12 +888,11 @@ def fixed(header: Header | None = None) -> Fixed:
   return Fixed(jnp.asarray(chars), jnp.asarray(lengths), jnp.int32(header.voices or 0))
 
 
-def _force(s: State, new: State, ok: jax.Array, c: jax.Array, t: jax.Array,
+def _force(s: State, new: State, ok: jax.Array, c: jax.Array,
            header: Fixed) -> tuple[State, jax.Array]:
   """Narrows a transition to the fixed header: each fixed field's value, the fields it makes
   necessary (a fixed tempo's `Q:` line), and the number of voices."""
-  ctx = jnp.where((s.ctx == EOL) & (t == 0) & (s.line == 0), H_LINE, s.ctx)
-  field = jnp.select([ctx == context for context in FIELD_CONTEXTS.values()],
+  field = jnp.select([s.ctx == context for context in FIELD_CONTEXTS.values()],
                      list(range(len(FIELD_CONTEXTS))), -1)
   length = header.lengths[field.clip(0)]
   value_char = header.chars[field.clip(0), s.forced_at.clip(0, _FIELD_WIDTH - 1)]
@@ -865,19 +900,22 @@ def _force(s: State, new: State, ok: jax.Array, c: jax.Array, t: jax.Array,
   value_ok = jnp.where(s.forced_at < length, c == value_char, c == ord("\n"))
   ok = ok & (~in_value | value_ok)
   tempo_fixed = header.lengths[list(FIELD_CONTEXTS).index("tempo")] > 0
-  ok = ok & ~((ctx == H_LINE) & (c == ord("M")) & (s.rank == R_UNIT) & tempo_fixed)
+  ok = ok & ~((s.ctx == H_LINE) & (c == ord("M")) & (s.rank == R_UNIT) & tempo_fixed)
   voices = header.voices
-  ok = ok & ~((ctx == H_LINE) & (c == ord("V")) & (voices > 0) & (s.voices >= voices))
-  ok = ok & ~((ctx == H_LINE) & (c == ord("[")) & (voices > 0) & (s.voices != voices))
+  ok = ok & ~((s.ctx == H_LINE) & (c == ord("V")) & (voices > 0) & (s.voices >= voices))
+  ok = ok & ~((s.ctx == H_LINE) & (c == ord("[")) & (voices > 0) & (s.voices != voices))
   score_total = s.score_voices + (s.number > 0)
-  ok = ok & ~((ctx == H_SCORE) & (c == ord("\n")) & (voices > 0) & (score_total != voices))
-  forced_at = jnp.where((field >= 0) & (new.ctx == ctx), s.forced_at + 1, 0)
+  ok = ok & ~((s.ctx == H_SCORE) & (c == ord("\n")) & (voices > 0) & (score_total != voices))
+  forced_at = jnp.where((field >= 0) & (new.ctx == s.ctx), s.forced_at + 1, 0)
   return new.replace(forced_at=forced_at), ok
 
 
 def step(s: State, c: jax.Array, t: jax.Array,
          header: Fixed | None = None) -> tuple[State, jax.Array]:
   """One character c at position t of its patch: (the next state, whether c is admissible)."""
+  # A patch that starts after a line's `\n` starts the next line.
+  line_start = jnp.where(s.line > 0, B_LINE, H_LINE)
+  s = s.replace(ctx=jnp.where((s.ctx == EOL) & (t == 0), line_start, s.ctx))
   handlers = sorted(set(_HANDLERS.values()), key=lambda f: f.__name__)
   outcomes = [handler(s, c, t) for handler in handlers]
   which = jnp.asarray(np.array([handlers.index(_HANDLERS[ctx]) for ctx in range(len(_HANDLERS))],
@@ -885,7 +923,7 @@ def step(s: State, c: jax.Array, t: jax.Array,
   state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
   ok = jnp.stack([o[1] for o in outcomes])[which] & ~s.dead
   if header is not None:
-    state, ok = _force(s, state, ok, c, t, header)
+    state, ok = _force(s, state, ok, c, header)
   return state, ok
 
 

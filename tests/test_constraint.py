@@ -79,7 +79,8 @@ def test_prepared_chorales_in_every_key_are_admitted(corpus_shards):
 @pytest.mark.slow  # about five minutes: prepares all of music21's Bach chorales
 def test_every_bach_chorale_is_admitted_but_for_lines_misaligned_in_the_source(tmp_path):
   """Every prepared chorale (one key each) is admitted, except where a line's voices have bars of
-  different lengths in the source itself, as abctoolkit times them."""
+  different lengths in the source itself, as abctoolkit times them, or a voice's name holds a
+  carriage return (abc2xml reads it as a line break)."""
   sources = [s for s in corpus.music21_sources() if "/bach/bwv" in s.path]
   preparation.prepare_corpus(sources, tmp_path,
                              preparation.PrepareOptions(eval_fraction=0.0, workers=2))
@@ -93,6 +94,8 @@ def test_every_bach_chorale_is_admitted_but_for_lines_misaligned_in_the_source(t
       continue
     rejected += 1
     chars, _ = constraint.patch_chars(piece[1:])
+    if chars[at] == ord("\r"):
+      continue
     before = "".join(chr(c) for c in chars[:at] if c > tokenizer.EOS)
     line = text.split("\n")[before.count("\n")]
     bars = abc.voice_bars(line[line.index("]") + 1:], 0)  # after the stream marker
@@ -110,31 +113,50 @@ def _check_well_formed(text: str) -> None:
   abc.to_musicxml(unreduced)
 
 
-_admissible = jax.jit(lambda s, t: constraint.admissible(constraint.batch([s]), t))
+_CHARS = jnp.arange(constraint.VOCAB, dtype=jnp.int32)
+# Rows at their own patch positions: each row's mask over every char, and one char's step.
+_masks = jax.jit(jax.vmap(lambda s, t: jax.vmap(constraint.step, (None, 0, None))(s, _CHARS, t)[1]))
+_steps = jax.jit(jax.vmap(constraint.step))
 
 
-@hypothesis.settings(max_examples=4, deadline=None,
+def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
+  """Random logits: each row draws every char uniformly among those admitted, patches cut as the
+  tokenizer cuts them, until the end or a dead end; each text cut after its last complete line
+  (as the sampler cuts a piece it stops)."""
+  rng = np.random.default_rng(seed)
+  state = constraint.batch([constraint.initial()] * rows)
+  t = np.zeros(rows, np.int32)
+  chars = [[] for _ in range(rows)]
+  walking = np.ones(rows, bool)
+  for _ in range(length):
+    admitted = np.asarray(_masks(state, jnp.asarray(t)))
+    drawn = np.zeros(rows, np.int32)
+    for row in np.flatnonzero(walking):
+      choices = np.flatnonzero(admitted[row])
+      if len(choices):
+        drawn[row] = rng.choice(choices)
+      else:
+        walking[row] = False
+    moved, _ = _steps(state, jnp.asarray(drawn), jnp.asarray(t))
+    state = jax.tree.map(lambda new, old: jnp.where(jnp.asarray(walking), new, old), moved, state)
+    walking &= np.asarray(state.ctx) != constraint.DONE
+    for row in np.flatnonzero(walking):
+      chars[row].append(int(drawn[row]))
+      t[row] = 0 if drawn[row] == tokenizer.EOS or t[row] == 15 else t[row] + 1
+    if not walking.any():
+      break
+  texts = ["".join(chr(c) for c in row if c > tokenizer.EOS) for row in chars]
+  return [text[:text.rfind("\n") + 1] for text in texts]
+
+
+@hypothesis.settings(max_examples=2, deadline=None,
                      phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate))
 @hypothesis.given(seed=st.integers(0, 2**31 - 1))
 def test_random_walks_through_the_automaton_are_well_formed(seed):
-  """Random logits: each char drawn uniformly among the admitted ones."""
-  rng = np.random.default_rng(seed)
-  state, t, chars = constraint.initial(), 0, []
-  for _ in range(1500):
-    following, admitted = _admissible(state, jnp.int32(t))
-    choices = np.flatnonzero(np.asarray(admitted[0]))
-    if not len(choices):
-      break
-    c = int(rng.choice(choices))
-    state = jax.tree.map(lambda a: a[0, c], following)  # pylint: disable=cell-var-from-loop
-    if int(state.ctx) == constraint.DONE:
-      break
-    chars.append(c)
-    t = 0 if c == tokenizer.EOS or t == 15 else t + 1
-  text = "".join(chr(c) for c in chars if c > tokenizer.EOS)
-  text = text[:text.rfind("\n") + 1]  # as the sampler cuts a piece it stops
-  hypothesis.assume("[r:" in text)
-  _check_well_formed(text)
+  texts = [text for text in _random_walks(seed, rows=24) if "[r:" in text]
+  assert len(texts) >= 12  # most walks write a body line (the rest stop in a long header)
+  for text in texts:
+    _check_well_formed(text)
 
 
 @pytest.mark.slow  # about a minute (the constrained loop's compile); generate's tests run it too
