@@ -686,8 +686,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
   # A chord is one note: its length follows the `]`.
   n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & _fits(s, MIN_TICKS),
-         sub=S_NONE, inner=0,
-         in_chord_note=False, tok=T_PITCH, rest=True)
+         sub=S_NONE, inner=0, in_chord_note=False, tok=T_PITCH, rest=True)
   # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
   bracket = sub == S_FIELD_KEY
   n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS), fixed=c)
