@@ -2,6 +2,7 @@
 the fit, the checks; the 2 x 2 grid through the command line is a slow test."""
 
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -194,3 +195,13 @@ def test_frontier_is_the_lowest_loss_per_budget():
           {"run": "a2", "budget_flops": 3e12, "eval_loss": 2.9},
           {"run": "b2", "budget_flops": 3e12, "eval_loss": 2.7}]
   assert [r["run"] for r in scaling.frontier(rows[::-1])] == ["a1", "b2"]
+
+
+def test_the_documented_cpu_sweep_can_resume_over_its_recorded_results():
+  """docs/scaling.md's command writes into docs/scaling: the settings recorded there must still be
+  what configs/scaling.py:cpu gives, or the sweep refuses to run."""
+  c = scaling_config("cpu", data__shards_dir="runs/scaling_data/shards/notagen_shards/p16_prompt/"
+                     "1.0.0", sweep__output_dir="docs/scaling", workdir="runs/scaling")
+  recorded = json.loads((REPO / "docs" / "scaling" / scaling.SETTINGS_NAME).read_text())
+  current = json.loads(c.to_json_best_effort())
+  assert scaling._changed(scaling._settings(recorded), scaling._settings(current)) == []
