@@ -6,7 +6,8 @@ which of the 128 characters may come next. What it admits is NotaGen's training 
 - metadata lines in the training data's order and syntax: up to three `%` comment lines,
   `%%score` (voices 1 to n, each once, in nested groups), `L:1/d`, `Q:n/d=bpm`, `M:`, `K:` (a key
   or a clef), then `V:` lines for voices 1 to n (in `%%score`'s order when there is one) with a
-  clef and quoted names;
+  clef and `key="name"` / `key=value` items; nothing abctoolkit or abc2xml misreads (see
+  docs/constrained_decoding.md);
 - body lines `[r:i/j]` with i counting the lines, then voices in increasing order, each declared
   and at most once (rest reduction leaves out the voices that rest), each `[V:n]` bar closed by a
   barline (the first line's may also open with one); the first voice's bar lasts at most

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
       except (ValueError, OSError) as error:  # abc.PieceError is a ValueError
         _not_scored(name, error)
         continue
-      lines.append(json.dumps({"file": name, **metrics.score_ids(model, patchilizer.encode_train(text))}))
+      scored = metrics.score_ids(model, patchilizer.encode_train(text))
+      lines.append(json.dumps({"file": name, **scored}))
       print(lines[-1], flush=True)
   if args.output:
     storage.path(args.output).write_text("".join(line + "\n" for line in lines))

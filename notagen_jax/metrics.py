@@ -52,7 +52,6 @@ def score_ids(model: model_lib.NotaGen, ids: Sequence[Sequence[int]]) -> dict[st
           "sum_logprob": sum_logprob}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PieceMetrics:
   """One generated piece's counts; `sum_logprob` stays None until a model has scored it."""
