@@ -70,9 +70,20 @@ class Demo:
 
   def _run(self, job: Job, number: int, request: dict[str, Any]) -> None:
     start = time.perf_counter()
+    counting = False  # whether the log's last line is the progress line
 
-    def log(line: str):
-      job.log.append(f"[{time.perf_counter() - start:6.1f} s] {line}")
+    def log(line: str, progress: bool = False):
+      nonlocal counting
+      entry = f"[{time.perf_counter() - start:6.1f} s] {line}"
+      if progress and counting:  # the progress line counts up in place
+        job.log[-1] = entry
+      else:
+        job.log.append(entry)
+      counting = progress
+
+    def on_patches(pieces: list[sampling.Piece]):
+      for piece in pieces:  # one piece at a time
+        log(f"drawing: {piece.patches} patches, {piece.chars} characters so far", progress=True)
 
     try:
       values = {k: kind(request[k]) for k, kind in FIELDS.items()
@@ -102,7 +113,8 @@ class Demo:
             + "".join(f", {k} {v}" for k, v in fixed.items()))
         written = generation.generate(self.model, [prompt], folder, settings=settings, batch=1,
                                       seed=values.get("seed", 0), progress=False,
-                                      weights_dtype=self.weights_dtype, header=header)[0]
+                                      weights_dtype=self.weights_dtype, header=header,
+                                      on_patches=on_patches)[0]
       log(f"written: {written.chars} characters, {written.patches} patches in {written.seconds} s")
       piece = report.written_piece(written, self.out, prompt)
       log(f"engraved: {len(piece.pages)} pages" + (f"; failed: {'; '.join(piece.failures)}"

@@ -4,7 +4,7 @@ The original runs this as five scripts whose paths are edited by hand between st
 iteration lives in WORKDIR/iteration_<k>/:
 
   samples/            the pieces drawn from the current policy (generation.generate), samples.json
-  scores.json         per-piece scores and the selection's counts
+  scores.json         per-piece scores and filter verdicts, the selection's counts
   preferences.json    {"chosen": [...], "rejected": [...]}: the original's format, raw texts
   train/              the DPO run (trainer.train_and_evaluate), final_params/ = the next policy
 
@@ -143,7 +143,8 @@ def score(c: ml_collections.ConfigDict, texts: list[str], embedder: Embedder,
     path.write_text(json.dumps({
         "counts": {k: _plain(v) for k, v in vars(selection.counts).items()},
         "scores": [None if np.isnan(s) else float(s) for s in selection.scores],
-        "chosen": selection.chosen, "rejected": selection.rejected}, indent=1))
+        "chosen": selection.chosen, "rejected": selection.rejected,
+        "verdicts": selection.verdicts}, indent=1))
   return json.loads(path.read_text())
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from etils import epath
 
@@ -181,7 +181,8 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
              formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
              weights_dtype: str | None = None, perplexity: bool = False,
-             header: constraint.Header | None = None) -> list[Written]:
+             header: constraint.Header | None = None,
+             on_patches: Callable[[list[sampling.Piece]], None] | None = None) -> list[Written]:
   """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
 
   `header` fixes those header lines of every piece (constrained sampling only; a prompt's own
@@ -190,6 +191,7 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
   stay in float32; see `sampling.Sampler`): each character reads them all. `perplexity` adds each
   piece's log-likelihood under `model` itself (its own weights, not the narrower ones, and no
   constraint on decoding; one forward pass per piece), from which `summary` reports perplexity.
+  `on_patches` sees the pieces being generated after each of the sampler's calls (its progress).
   """
   out = storage.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
 
   try:
     sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
-    sampler.run(prompts, seed=seed, on_result=on_result, header=header)
+    sampler.run(prompts, seed=seed, on_result=on_result, header=header, on_patches=on_patches)
   finally:
     if bar is not None:
       bar.close()

@@ -1,9 +1,9 @@
 """Generated pieces as something to look at and listen to: SVG sheet music and audio.
 
-Verovio engraves the MusicXML a piece was written as (its un-reduced ABC when there is none), one
-SVG per page. FluidSynth with a General MIDI soundfont plays the MIDI to Ogg Vorbis where both are
-installed; without them a piece keeps its MIDI only. Both come with the `render` extra (verovio)
-and Debian's `fluidsynth` and `fluid-soundfont-gm` packages.
+Verovio engraves the MusicXML a piece was written as (where none was written, the MusicXML its
+un-reduced ABC converts to), one SVG per page. FluidSynth with a General MIDI soundfont plays the
+MIDI to Ogg Vorbis where both are installed; without them a piece keeps its MIDI only. Both come
+with the `render` extra (verovio) and Debian's `fluidsynth` and `fluid-soundfont-gm` packages.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from notagen_jax import storage
+from notagen_jax.data import abc
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
 # Verovio's units: a page as wide as a browser window, scaled to 40% of its default size.
@@ -47,7 +48,7 @@ def _verovio():
 
 
 def svg_pages(data: str) -> list[str]:
-  """The pages of a MusicXML or ABC text as SVG (Verovio tells the two apart itself)."""
+  """The pages of a MusicXML text as SVG."""
   verovio = _verovio()
   toolkit = verovio.toolkit(False)
   # Verovio's default font path is set for the importing thread only; the demo renders in others.
@@ -62,10 +63,17 @@ def svg_pages(data: str) -> list[str]:
 
 
 def score_source(files: Mapping[str, str]) -> str:
-  """The text a piece's score is engraved from: its MusicXML, else its un-reduced ABC."""
-  for kind in ("xml", "unreduced"):
-    if kind in files:
-      return storage.path(files[kind]).read_text()
+  """The MusicXML a piece's score is engraved from: as written, else converted from its
+  un-reduced ABC as `generation` converts it. Verovio's own ABC reader does not follow the
+  interleaved voices (`[V:1]...|[V:2]...|`): it strings them on one staff under an empty first key
+  signature."""
+  if "xml" in files:
+    return storage.path(files["xml"]).read_text()
+  if "unreduced" in files:
+    try:
+      return abc.to_musicxml(storage.path(files["unreduced"]).read_text())
+    except abc.PieceError as error:
+      raise RenderError(str(error)) from error
   raise RenderError("no MusicXML or un-reduced ABC was written")
 
 

@@ -1,7 +1,9 @@
 """HTML pages to judge a run by: `index.html` of `generate`, `report.html` of the CLaMP-DPO loop.
 
-Each page is one self-contained file that opens from the file system: scores are inline SVG
-(`render`), the plot is inline SVG, files are relative links, and no script or style is fetched.
+Each page opens from the file system with no network: its style and plot are inline, the score
+pages are the SVG files `render` wrote beside the pieces, shown as images loaded as they scroll
+into view (inline, a CLaMP-DPO report of 114 pieces weighed 24.7 MB), and every file is a
+relative link.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ LABELS = {"abc": "ABC (as generated)", "unreduced": "ABC", "xml": "MusicXML", "m
 STEPS = {"unreduced": "un-reduced ABC", "xml": "MusicXML", "mid": "MIDI"}
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0; }
+table { border-collapse: collapse; margin: 0.5em 0; display: block; overflow-x: auto; }
 td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f2f2f2; }
 section.piece { border-top: 2px solid #ddd; padding: 0.5em 0; }
 section.failed h3 { color: #b00; }
 .reason { color: #b00; }
-.page svg { max-width: 100%; height: auto; }
+.page img { max-width: 100%; height: auto; }
 pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
 """
@@ -41,7 +43,8 @@ pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; }
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-  """What a page shows of one piece; `links` map labels to paths relative to the page."""
+  """What a page shows of one piece; `pages` (its SVG files) and `links` are paths relative to
+  the page."""
   name: str
   pages: list[str]
   links: dict[str, str]
@@ -83,7 +86,9 @@ def piece_html(piece: Piece) -> str:
   if "audio (Ogg)" in piece.links:
     parts.append(f'<audio controls preload="none" '
                  f'src="{_e(urllib.parse.quote(piece.links["audio (Ogg)"]))}"></audio>')
-  parts += [f'<div class="page">{page}</div>' for page in piece.pages]
+  parts += [f'<div class="page"><img src="{_e(urllib.parse.quote(page))}" loading="lazy" '
+            f'alt="{_e(piece.name)}, page {number}"></div>'
+            for number, page in enumerate(piece.pages, 1)]
   parts.append("</section>")
   return "\n".join(parts)
 
@@ -110,6 +115,10 @@ def _relative(path: str, root: epath.Path) -> str:
   return os.path.relpath(str(path), str(root)).replace(os.sep, "/")
 
 
+def _pages(rendered: render.Rendered, root: epath.Path) -> list[str]:
+  return [_relative(rendered.files[f"page{n}"], root) for n in range(1, len(rendered.pages) + 1)]
+
+
 def _links(files: Mapping[str, str], root: epath.Path) -> dict[str, str]:
   links = {LABELS[k]: _relative(v, root) for k, v in files.items() if k in LABELS}
   links.update({f"SVG {k}": _relative(v, root) for k, v in files.items() if k.startswith("page")})
@@ -121,11 +130,11 @@ def written_piece(item: generation.Written, root: epath.Path, prompt: str = "") 
   rendered = render.render_piece(item.files, storage.path(item.files["abc"]).parent, item.name)
   failures = [] if item.ok else [f"generation: {item.reason}"]
   failures += [f"{STEPS.get(k, k)}: {v}" for k, v in item.errors.items()]
-  if rendered.error and "unreduced" not in item.errors:  # else that failure says why already
+  if rendered.error and not {"unreduced", "xml"} & item.errors.keys():  # those say why already
     failures.append(f"score: {rendered.error}")
   facts = {"status": "complete" if item.ok else "failed", "patches": item.patches,
            "chars": item.chars, "seconds": item.seconds, "pages": len(rendered.pages)}
-  return Piece(item.name, rendered.pages, _links({**item.files, **rendered.files}, root),
+  return Piece(item.name, _pages(rendered, root), _links({**item.files, **rendered.files}, root),
                {k: str(v) for k, v in facts.items()}, failures, prompt)
 
 
@@ -189,37 +198,51 @@ def score_plot(points: Sequence[tuple[int, float, float]], label: str) -> str:
   return "\n".join(parts)
 
 
-def filter_results(text: str, chosen: bool, applied: Sequence[str]) -> dict[str, str]:
-  """Each chosen-set filter on a piece: passed / failed, as the loop's selection judged it.
+def verdicts(scores: Mapping[str, Any], i: int, text: str, chosen: bool,
+             applied: Sequence[str]) -> dict[str, bool | None]:
+  """Piece i's verdict from each chosen-set filter, as the loop's `scores.json` records them.
 
-  `aligned` and `grouped` are read off the text again; `original` (no ground-truth piece too
-  close) is not kept per piece, but a chosen piece passed every applied filter.
+  A `scores.json` written before the loop recorded them has none: `aligned` and `grouped` are read
+  off the text again, and `original` (no ground-truth piece too close) is known only where a
+  chosen piece had to pass it; None where unknown.
   """
+  if "verdicts" in scores:
+    return {name: ok[i] for name, ok in scores["verdicts"].items()}
   try:
     aligned = preferences.bars_aligned(abc.unreduce(text))
   except abc.PieceError:
     aligned = False
-  results = {"aligned": aligned, "grouped": preferences.instruments_grouped(text),
-             "original": True if chosen else None}
-  return {name: ("not applied" if name not in applied else "not recorded" if ok is None
-                 else "passed" if ok else "failed") for name, ok in results.items()}
+  return {"aligned": aligned, "grouped": preferences.instruments_grouped(text),
+          "original": True if chosen and "original" in applied else None}
 
 
-def sampled_piece(k: int, abc_path: str, root: epath.Path, score: float | None, chosen: bool,
-                  applied: Sequence[str]) -> Piece:
-  """A chosen or rejected piece of iteration k, rendered from the files `generate` wrote."""
-  path = storage.path(abc_path)
+def filter_results(results: Mapping[str, bool | None], applied: Sequence[str]) -> dict[str, str]:
+  """Each filter's verdict as shown: passed / failed / not recorded, marked where not applied."""
+  shown = {}
+  for name in preferences.FILTERS:
+    ok = results.get(name)
+    verdict = "not recorded" if ok is None else "passed" if ok else "failed"
+    shown[name] = (verdict if name in applied else "not applied" if ok is None
+                   else f"{verdict} (not applied)")
+  return shown
+
+
+def sampled_piece(k: int, i: int, samples: Mapping[str, Any], scores: Mapping[str, Any],
+                  root: epath.Path, chosen: bool, applied: Sequence[str]) -> Piece:
+  """Piece i of iteration k, chosen or rejected, rendered from the files `generate` wrote."""
+  path = storage.path(samples["pieces"][i]["abc"])
   name = path.name.removesuffix(".abc")
   files = {"abc": str(path)}
   for kind, suffix in (("unreduced", ".unreduced.abc"), ("xml", ".xml"), ("mid", ".mid")):
     if (path.parent / f"{name}{suffix}").exists():
       files[kind] = str(path.parent / f"{name}{suffix}")
   rendered = render.render_piece(files, path.parent, name, audio=False)
-  facts = {"score": "-" if score is None else f"{score:.4f}",
-           **filter_results(path.read_text(), chosen, applied)}
+  score = scores["scores"][i]
+  results = verdicts(scores, i, path.read_text(), chosen, applied)
+  facts = {"score": "-" if score is None else f"{score:.4f}", **filter_results(results, applied)}
   failures = [f"score: {rendered.error}"] if rendered.error else []
-  return Piece(f"iteration_{k}/{name}", rendered.pages, _links({**files, **rendered.files}, root),
-               facts, failures)
+  return Piece(f"iteration_{k}/{name}", _pages(rendered, root),
+               _links({**files, **rendered.files}, root), facts, failures)
 
 
 def iteration_html(k: int, workdir: epath.Path, applied: Sequence[str]) -> str:
@@ -229,8 +252,8 @@ def iteration_html(k: int, workdir: epath.Path, applied: Sequence[str]) -> str:
   scores = json.loads((out / "scores.json").read_text())
   columns = []
   for kind in ("chosen", "rejected"):
-    pieces = [sampled_piece(k, samples["pieces"][i]["abc"], workdir, scores["scores"][i],
-                            kind == "chosen", applied) for i in scores[kind]]
+    pieces = [sampled_piece(k, i, samples, scores, workdir, kind == "chosen", applied)
+              for i in scores[kind]]
     columns.append(f'<div class="{kind}"><h3>{kind} ({len(pieces)})</h3>\n'
                    + "\n".join(map(piece_html, pieces)) + "</div>")
   return (f'<h2 id="iteration_{k}">Iteration {k}</h2>\n<div class="pair">\n' + "\n".join(columns)

@@ -440,15 +440,17 @@ class Sampler:
 
   def run(self, prompts: Sequence[str], seed: int = 0,
           on_result: Callable[[Result], None] | None = None,
-          header: constraint.Header | None = None) -> list[Result]:
+          header: constraint.Header | None = None,
+          on_patches: Callable[[list[Piece]], None] | None = None) -> list[Result]:
     """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i).
 
     `header` fixes header lines of every piece (constrained sampling only); the model writes the
-    others.
+    others. `on_result` gets each piece as it finishes; `on_patches`, after each compiled call,
+    the pieces still being generated (their patches and text so far): progress, no draw changed.
     """
     if header is not None and not self.settings.constrained:
       raise ValueError("fixing header lines needs constrained sampling")
-    return _Generation(self, prompts, seed, on_result, header).run()
+    return _Generation(self, prompts, seed, on_result, header, on_patches).run()
 
 
 class _Loading(NamedTuple):
@@ -465,11 +467,12 @@ class _Generation:
   """One `Sampler.run`: the prompts, the rows' pieces and the device state."""
 
   def __init__(self, sampler: Sampler, prompts: Sequence[str], seed: int,
-               on_result: Callable[[Result], None] | None, header: constraint.Header | None):
+               on_result: Callable[[Result], None] | None, header: constraint.Header | None,
+               on_patches: Callable[[list[Piece]], None] | None):
     self.sampler = sampler
     self.header = constraint.fixed(header)
     self.cfg = sampler.cfg
-    self.on_result = on_result
+    self.on_result, self.on_patches = on_result, on_patches
     self.base_key = jax.random.key(seed)
     self.prompts = list(prompts)
     self.encoded = [split_prompt(sampler.patchilizer, prompt) for prompt in self.prompts]
@@ -629,6 +632,8 @@ class _Generation:
           break
       if self.slots[row] is piece and time.perf_counter() - piece.start_time > settings.max_seconds:
         self._finish(row, False, f"more than {settings.max_seconds:g} s")
+    if self.on_patches:
+      self.on_patches([piece for piece in self.slots if piece is not None])
 
   def _overflow(self, row: int, piece: Piece):
     piece.overflows += 1

@@ -17,7 +17,9 @@ from selenium.webdriver.support.ui import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 from notagen_jax import checkpoint
+from notagen_jax import constraint
 from notagen_jax import demo_app
+from notagen_jax import generation
 from notagen_jax import sampling
 from notagen_jax.data import corpus
 from test_report import _notes, _screenshot
@@ -82,8 +84,9 @@ def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, gol
   # A real chorale stands in for what the tiny random model would write (noise, not engraved).
   text = json.loads((golden_dir / "cases.json").read_text())["cases"][0]["stream_text"]
 
-  def run(self, prompts, seed=0, on_result=None, header=None):
+  def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
     assert self.settings.constrained and header is None
+    on_patches([sampling.Piece(0, "", False, 0.0, text=[text], patches=8)])
     results = [sampling.Result(0, prompts[0], text, True, "", 10, 0, 0.1)]
     on_result(results[0])
     return results
@@ -91,10 +94,11 @@ def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, gol
   monkeypatch.setattr(sampling.Sampler, "run", run)
   section = _generate(browser, url, BACH, seed=3)
   _screenshot(browser, "demo.png")
-  assert _notes(section) and section.find_element(By.TAG_NAME, "audio")
+  assert _notes(browser, section) and section.find_element(By.TAG_NAME, "audio")
   assert {"ABC", "MusicXML", "MIDI", "audio (Ogg)"} <= set(_links_work(section, url))
   log = browser.find_element(By.ID, "log").text
   assert "generating Baroque / Bach, Johann Sebastian / Choral: top-k 9" in log
+  assert f"drawing: 8 patches, {len(text)} characters so far" in log
   assert "engraved: 2 pages" in log
 
 
@@ -105,17 +109,26 @@ def test_the_tiny_model_continues_an_uploaded_score(browser, url):
   assert "continuing bwv1.6.mxl" in log and "written: " in log
   assert "ABC (as generated)" in _links_work(section, url)
   # Its two patches of noise may or may not convert: either way the page says what became of it.
-  assert _notes(section) or section.find_element(By.CLASS_NAME, "reason").text
+  assert _notes(browser, section) or section.find_element(By.CLASS_NAME, "reason").text
 
 
-def test_the_meter_and_key_fields_fix_the_header(browser, url):
+def test_the_meter_and_key_fields_fix_the_header(browser, url, tiny):
   section = _generate(browser, url, BACH, meter="3/4", key="Eb", seed=3, max_patches=16)
-  assert "meter 3/4, key Eb" in browser.find_element(By.ID, "log").text
+  log = browser.find_element(By.ID, "log").text
+  assert "meter 3/4, key Eb" in log
+  # Its 16 patches came in two of the sampler's calls: the log counted the first 8.
+  assert "drawing: 8 patches, " in log
   link = section.find_element(By.LINK_TEXT, "ABC (as generated)").get_attribute("href")
   with urllib.request.urlopen(link) as response:
-    lines = response.read().decode().splitlines()
+    text = response.read().decode()
+  lines = text.splitlines()
   header = lines[:next(i for i, line in enumerate(lines) if line.startswith("[r:"))]
   assert [line for line in header if line.startswith(("M:", "K:"))] == ["M:3/4", "K:Eb"]
+  # Counting changed no draw: the sampler alone writes the same piece.
+  sampler = sampling.Sampler(tiny, sampling.Settings(constrained=True, max_patches=16), batch=1)
+  [alone] = sampler.run([generation.prompt_text(*BACH, KNOWN)], seed=3,
+                        header=constraint.Header(meter="3/4", key="Eb"))
+  assert alone.text == text
 
 
 def test_an_uploaded_score_keeps_its_own_header(tiny, tmp_path):

@@ -71,7 +71,7 @@ def fake_sampler(monkeypatch, prepared):
   real = [_with_markers(r["augmented"][key]) for r in records for key in ("C", "G")]
   calls = []
 
-  def run(self, prompts, seed=0, on_result=None, header=None):
+  def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
     assert self.settings.constrained and header is None
     calls.append(seed)
     rng = random.Random(seed)

@@ -136,7 +136,7 @@ import json, random, runpy, sys
 from notagen_jax import sampling
 bodies = json.loads(open(sys.argv.pop(1)).read())
 
-def run(self, prompts, seed=0, on_result=None, header=None):
+def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
   rng, results = random.Random(seed), []
   for i, prompt in enumerate(prompts):
     body = rng.choice(bodies) if i % 4 else "[r:0/0]zz|\\n" * 3

@@ -6,13 +6,16 @@ With NOTAGEN_SCREENSHOTS=docs/images the browser test saves each page's screensh
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import urllib.parse
+import urllib.request
 
 import ml_collections
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from notagen_jax import dpo_loop
 from notagen_jax import generation
@@ -43,6 +46,10 @@ def _write(texts, out, formats=("xml", "mid")):
 def _screenshot(browser, name: str):
   folder = os.environ.get("NOTAGEN_SCREENSHOTS")
   if folder:
+    browser.execute_script("window.scrollTo(0, 0)")
+    WebDriverWait(browser, 60).until(lambda b: b.execute_script(  # the score pages in view
+        "return [...document.images].every(i => i.getBoundingClientRect().top > innerHeight"
+        " || (i.complete && i.naturalWidth > 0))"))
     (REPO / folder).mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(REPO / folder / name))
 
@@ -59,8 +66,20 @@ def _open(browser, page: pathlib.Path, screenshot: str):
   return browser.find_elements(By.CSS_SELECTOR, "section.piece")
 
 
-def _notes(section):
-  return section.find_elements(By.CSS_SELECTOR, "div.page svg g.note")
+def _notes(browser, section) -> int:
+  """The notes on a piece's score pages, each page an SVG image that the browser loaded."""
+  notes = 0
+  for image in section.find_elements(By.CSS_SELECTOR, "div.page img"):
+    browser.execute_script("arguments[0].scrollIntoView()", image)  # loaded once in view
+    WebDriverWait(browser, 60).until(lambda b, image=image: b.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", image))
+    with urllib.request.urlopen(image.get_attribute("src")) as page:
+      notes += page.read().decode().count('class="note"')
+  return notes
+
+
+def _first_system_key_accidentals(page: str) -> int:
+  return page.split('class="system"')[1].count('class="keyAccid"')
 
 
 def test_a_real_piece_renders_to_pages_with_notes(texts, tmp_path):
@@ -69,11 +88,15 @@ def test_a_real_piece_renders_to_pages_with_notes(texts, tmp_path):
   assert rendered.error == "" and rendered.pages
   assert all(page.startswith("<svg") for page in rendered.pages)
   assert (tmp_path / "piece_00000.page1.svg").read_text() == rendered.pages[0]
+  # BWV 1.6 in F: one flat on each of its five staves in the first system.
+  assert _first_system_key_accidentals(rendered.pages[0]) == 5
   # Debian's fluidsynth and fluid-soundfont-gm are installed wherever the tests run (.ci/run).
   assert (tmp_path / "piece_00000.ogg").read_bytes()[:4] == b"OggS"
-  # Without MusicXML the un-reduced ABC is engraved.
+  # Without MusicXML, the MusicXML its un-reduced ABC converts to is engraved: Verovio's own ABC
+  # reader put the voices on one staff under an empty key signature.
   abc_only = {k: v for k, v in written.files.items() if k in ("abc", "unreduced")}
-  assert render.svg_pages(render.score_source(abc_only))
+  pages = render.svg_pages(render.score_source(abc_only))
+  assert _first_system_key_accidentals(pages[0]) == 5
   with pytest.raises(render.RenderError, match="Verovio could not read it"):
     render.svg_pages("not music")
   with pytest.raises(render.RenderError, match="no MusicXML or un-reduced ABC"):
@@ -93,6 +116,24 @@ def test_html_is_escaped():
   page = report.index_html("t<", {"s": "<v>"}, [piece])
   assert "<script>" not in page and "&lt;script&gt;" in page and "<i>" not in page
   assert 'href="x%20y%26.abc"' in page and 'id="a&lt;b"' in page
+
+
+def test_filter_verdicts_as_recorded_or_read_again(texts):
+  recorded = {"verdicts": {"aligned": [True, False], "grouped": [True, True],
+                           "original": [False, True]}}
+  assert report.verdicts(recorded, 1, "", False, ()) == {
+      "aligned": False, "grouped": True, "original": True}
+  # A scores.json from before the loop recorded them: `aligned` and `grouped` are read off the
+  # text again; `original` is known only for a chosen piece that had to pass it.
+  assert report.verdicts({}, 0, texts[0], True, preferences.FILTERS) == {
+      "aligned": True, "grouped": True, "original": True}
+  assert report.verdicts({}, 0, BROKEN, True, ("aligned",)) == {
+      "aligned": False, "grouped": True, "original": None}
+  assert report.filter_results({"aligned": True, "grouped": False, "original": None},
+                               preferences.FILTERS) == {
+      "aligned": "passed", "grouped": "failed", "original": "not recorded"}
+  assert report.filter_results({"aligned": False, "grouped": None}, ("original",)) == {
+      "aligned": "failed (not applied)", "grouped": "not applied", "original": "not recorded"}
 
 
 def test_mean_and_error():
@@ -126,9 +167,9 @@ def test_an_index_of_real_pieces_shows_every_score(texts, browser, tmp_path):
   sections = _open(browser, out / "index.html", "index.png")
   assert len(sections) == 4
   for section in sections[:3]:
-    assert "failed" not in section.get_attribute("class") and _notes(section)
+    assert "failed" not in section.get_attribute("class") and _notes(browser, section)
     assert section.find_element(By.TAG_NAME, "audio")
-  assert not _notes(sections[3])
+  assert not _notes(browser, sections[3])
   assert "un-reduced ABC: no tune body" in sections[3].find_element(By.CLASS_NAME, "reason").text
   failures = browser.find_element(By.CSS_SELECTOR, "ul.failures").text
   assert failures.startswith("piece_00003: un-reduced ABC: no tune body")
@@ -162,9 +203,12 @@ def test_the_dpo_report_shows_each_iterations_pairs(texts, browser, tmp_path):
   chosen = browser.find_elements(By.CSS_SELECTOR, "div.chosen section.piece")
   rejected = browser.find_elements(By.CSS_SELECTOR, "div.rejected section.piece")
   assert len(chosen) == len(rejected) == 2 and len(sections) == 4
+  # Each piece's verdicts as the loop recorded them, those of the filter not applied too: the
+  # chorales are the ground truth itself, so none is original.
   for section in sections:
-    assert _notes(section) and "failed" not in section.get_attribute("class")
-    assert "aligned: passed · grouped: passed · original: not applied" in section.text
+    assert _notes(browser, section) and "failed" not in section.get_attribute("class")
+    assert ("aligned: passed · grouped: passed · original: failed (not applied)"
+            in section.text)
   assert [s.get_attribute("id") for s in chosen + rejected] == [
       "iteration_0/piece_00001", "iteration_1/piece_00001", "iteration_0/piece_00002",
       "iteration_1/piece_00002"]

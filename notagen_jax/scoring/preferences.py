@@ -63,6 +63,7 @@ class Selection:
   scores: np.ndarray  # float32 [N], NaN for a piece that failed
   interleaved: list[str | None]  # the un-reduced texts, None where un-reduction failed
   counts: Counts
+  verdicts: dict[str, list[bool]]  # each of FILTERS on each piece, applied or not
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -171,10 +172,10 @@ def choose(texts: Sequence[str], embedder: Embedder, ground_truth: np.ndarray, *
                       for i in range(len(texts))], bool)
   grouped = np.array([instruments_grouped(text) for text in texts], bool)
   original = nearest <= max_similarity
+  verdicts = {"aligned": aligned, "grouped": grouped, "original": original}
   passes = np.array([i in interleaved for i in range(len(texts))], bool)
-  for name, ok in (("aligned", aligned), ("grouped", grouped), ("original", original)):
-    if name in filters:
-      passes &= ok
+  for name in filters:
+    passes &= verdicts[name]
   chosen, rejected = select(scores, passes, fraction)
   counts = Counts(
       generated=len(texts), scored=int(scored.sum()), failed=int((~scored).sum()),
@@ -182,7 +183,7 @@ def choose(texts: Sequence[str], embedder: Embedder, ground_truth: np.ndarray, *
       plagiarized=int((scored & ~original).sum()), chosen=len(chosen), rejected=len(rejected),
       mean_score=float(scores[scored].mean()) if scored.any() else float("nan"))
   return Selection(chosen, rejected, scores, [interleaved.get(i) for i in range(len(texts))],
-                   counts)
+                   counts, {name: ok.tolist() for name, ok in verdicts.items()})
 
 
 def write_preferences(path: epath.PathLike, texts: Sequence[str], selection: Selection) -> None:
