@@ -95,10 +95,13 @@ T_IDLE, T_ACC, T_PITCH, T_NUM, T_SLASH, T_DEN = range(6)
 # closed quote.
 N_ITEM, N_KEY, N_EQUALS, N_QUOTE, N_VALUE, N_CLOSED = range(6)
 MAX_KEY = 12
-# Barlines as abctoolkit splits them, with a volta number after; one code per spelling.
-_BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", ":||", "||:", ":|]")
+# Barlines as abctoolkit splits them, with a volta number after; one code per spelling. (Not
+# `:||`: the original's tokenizer reads it as two barlines and drops the line from its data.)
+_BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", "||:", ":|]")
 _BARLINE_SYMBOLS = {"|": 1, ":": 2, "]": 3, **{str(d): 4 + d for d in range(1, 10)}}
 _BARLINE_LEN = 4
+# Start repeats open at once (music21 expands nested repeats, and every one must close).
+MAX_REPEATS = 4
 # The one-letter decorations abctoolkit skips when it times a bar.
 DECORATION_LETTERS = "TuvMPSO"
 
@@ -209,6 +212,8 @@ class State:
   right_code: jax.Array  # -1 before the first voice's barline
   left_code: jax.Array  # the first line's left barline (0: none), -1 before its first voice's
   left_here: jax.Array  # the left barline the current voice wrote on the first line (0: none)
+  volta: jax.Array  # the ending the line's bars belong to (0: none)
+  repeats: jax.Array  # start repeats not closed yet
   fresh: jax.Array  # nothing of the current voice's bar written yet
   bar_where: jax.Array  # 0 after an eos, 1 inside a patch, 2 at a patch start without eos
   # A bar's content.
@@ -236,13 +241,14 @@ class State:
   group_sum: jax.Array  # their ticks so far
   group_p: jax.Array
   group_q: jax.Array
+  spaced: jax.Array  # the last character was a space
   dead: jax.Array
 
 
 def initial() -> State:
   """The state after the bos patch: a metadata line starts."""
   flags = ("fresh", "after_note", "need_note", "in_chord_note", "rest", "tied", "info_line",
-           "dead")
+           "spaced", "dead")
   fields = {f.name: jnp.bool_(False) if f.name in flags else jnp.int32(0)
             for f in dataclasses.fields(State)}
   starts = dict(ctx=H_LINE, rank=R_START, unit_den=8, meter_num=4, meter_den=4, target=-1,
@@ -299,7 +305,12 @@ def _bound(s: State) -> jax.Array:
 def _fits(s: State, ticks: jax.Array) -> jax.Array:
   """Whether a note of `ticks` fits the bar (inside a tuplet group, scaled by the group)."""
   in_group = s.group_left > 0
-  grouped = (s.group_sum + ticks) * s.group_q <= _bound(s) * s.group_p
+  # The group's last note must bring its total to a whole number of 1/64 units (`_commit`):
+  # room is needed for the group's sum rounded up to a multiple of `step`.
+  step = MIN_TICKS * s.group_p.clip(1) // jnp.gcd(s.group_p.clip(1), s.group_q.clip(1))
+  total = s.group_sum + ticks
+  total = jnp.where(s.group_left == 1, (total + step - 1) // step * step, total)
+  grouped = total * s.group_q <= _bound(s) * s.group_p
   return jnp.where(in_group, grouped, ticks <= _bound(s))
 
 
@@ -325,7 +336,8 @@ def _commit(s: State) -> tuple[State, jax.Array]:
   group_sum = s.group_sum + ticks
   closes = in_group & (s.group_left == 1)
   group_total = _round_group(group_sum * s.group_q // s.group_p)
-  group_ok = ~closes | (group_total <= _bound(s))
+  # A group's total is a whole number of 1/64 units, as every bar's end must be.
+  group_ok = ~closes | ((group_total <= _bound(s)) & (group_total % MIN_TICKS == 0))
   ok = ~pending | (_note_can_end(s) & _fits(s, ticks) & group_ok)
   acc = jnp.where(in_group, jnp.where(closes, s.acc + group_total, s.acc), s.acc + ticks)
   new = s.replace(
@@ -355,6 +367,29 @@ def _min_ticks(num: jax.Array, den_prefix: jax.Array, tok: jax.Array) -> jax.Arr
                          den_prefix)
   den = jnp.where((tok == T_DEN) & (den_prefix > 0), reachable, 64)
   return _note_ticks(jnp.where(num > 0, num, 1), den)
+
+
+_POWERS = np.array([1, 2, 4, 8, 16, 32, 64], np.int32)
+
+
+def _group_can_close(s: State, num: jax.Array, den: jax.Array, tok: jax.Array) -> jax.Array:
+  """A tuplet group's last note, spelled up to (num, den, tok), can still get a length that
+  brings the group's total to a whole number of 1/64 units within the bar (`_commit`)."""
+  # Its reachable lengths: numerators (the one read, or one more digit) over denominators (any
+  # power of two before the `/`; after it, those the digits read can still become).
+  extended = num * 10 + jnp.arange(10, dtype=jnp.int32)
+  nums = jnp.concatenate([jnp.where(num > 0, num, 1)[None], extended])
+  num_ok = jnp.concatenate([jnp.bool_(True)[None],
+                            (tok == T_NUM) & (extended > 0) & (extended <= MAX_NUM)])
+  dens = jnp.asarray(_POWERS)
+  den_ok = jnp.select(
+      [tok == T_DEN, tok == T_SLASH],
+      [(dens == den) | ((den == 1) & (dens == 16)) | ((den == 3) & (dens == 32)) |
+       ((den == 6) & (dens == 64)), dens > 1], jnp.ones_like(dens, bool))
+  total = s.group_sum + nums[:, None] * (TICKS // dens)[None, :]
+  scaled = _round_group(total * s.group_q // s.group_p.clip(1))
+  fits = (scaled % MIN_TICKS == 0) & (scaled <= _bound(s))
+  return (s.group_left != 1) | jnp.any(num_ok[:, None] & den_ok[None, :] & fits)
 
 
 def _power_of_two_prefix(n: jax.Array) -> jax.Array:
@@ -482,15 +517,18 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(in_fixed & (c == expected), pos=s.pos + 1)
   # `%%score`: voice numbers 1, 2, ... in order, with brackets, braces and bars around them.
   score = s.ctx == H_SCORE
-  # (Groups list voices in any order: each number once, and together 1 to n.)
+  # (Groups list voices nearly in order: each number once, at most two past the voices named
+  # before it, as in the training data's `{ ( 1 3 ) | 2 }`; together 1 to n.)
   bit = jnp.left_shift(1, (s.number - 1).clip(0, MAX_SCORE_VOICES - 1))
   closes_number = (s.number == 0) | ((s.number <= MAX_SCORE_VOICES) & (s.score_seen & bit == 0))
   closed = jnp.where(s.number > 0, s.score_voices + 1, s.score_voices)
   seen = jnp.where(s.number > 0, s.score_seen | bit, s.score_seen)
   number = s.number * 10 + digit
-  n.when(score & cls(_DIGIT) & (number > 0) & (number <= MAX_SCORE_VOICES) &
-         (_unseen(s.score_seen, number, number) |
-          _unseen(s.score_seen, number * 10, number * 10 + 9)), number=number, pos=1)
+  highest = s.score_voices + 2
+  n.when(score & cls(_DIGIT) & (number > 0) &
+         (_unseen(s.score_seen, number, jnp.minimum(number, highest)) |
+          _unseen(s.score_seen, number * 10, jnp.minimum(number * 10 + 9, highest))),
+         number=number, pos=1)
   # Groups as abc2xml reads them, at most three deep: brackets hold brackets and braces, braces
   # hold parentheses (`inner` is the stack, base 4), none empty; `|` between two items outside
   # parentheses. (`pos`: 1 after an item, 2 after a `|`.)
@@ -500,11 +538,14 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   after_item = (s.pos == 1) | (s.number > 0)
   ends = dict(number=0, score_voices=closed, score_seen=seen)
   nests = (opener > top) | ((opener == 1) & (top == 1))
-  n.when(score & nests & (s.inner < 16) & closes_number, inner=s.inner * 4 + opener, pos=0,
-         **ends)
+  # A group or a `|` needs an item after it: a voice not named yet.
+  voice_left = closed < MAX_SCORE_VOICES
+  n.when(score & nests & (s.inner < 16) & closes_number & voice_left,
+         inner=s.inner * 4 + opener, pos=0, **ends)
   n.when(score & (closer > 0) & (closer == top) & after_item & closes_number, inner=s.inner // 4,
          pos=1, **ends)
-  n.when(score & (c == ord("|")) & after_item & (top != 3) & closes_number, pos=2, **ends)
+  n.when(score & (c == ord("|")) & after_item & (top != 3) & closes_number & voice_left, pos=2,
+         **ends)
   n.when(score & (c == ord(" ")) & closes_number, **ends)
   n.when(score & (c == ord("\n")) & closes_number & after_item & (s.inner == 0) &
          (seen == jnp.left_shift(1, closed) - 1), ctx=EOL, pos=0, **ends)
@@ -588,7 +629,7 @@ def _body_start(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]
   del t
   n = _Next(s)
   n.when(c == ord("["), ctx=B_FIXED, fixed=F_MARKER, pos=1)
-  n.when((c == tokenizer.BOS) & (s.line > 0), ctx=END)
+  n.when((c == tokenizer.BOS) & (s.line > 0) & (s.volta == 0) & (s.repeats == 0), ctx=END)
   return n.state, n.ok
 
 
@@ -677,7 +718,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
                                              "meter_den")},
          sub=jnp.where(meter_end, S_NONE, S_FIELD_METER))
   n.when((sub == S_FIELD_TEXT) & (c == ord("]")) & (s.pos > 0), sub=S_NONE, pos=0)
-  n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT), pos=1)
+  n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   chord = sub == S_CHORD
   n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
   n.when(chord & doubled, num=2)
@@ -690,7 +731,9 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          sub=S_NONE, inner=0, in_chord_note=False, tok=T_PITCH, rest=True)
   # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
   bracket = sub == S_FIELD_KEY
-  n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS), fixed=c)
+  # (A meter changes where a bar starts: the bar read so far keeps its bound.)
+  n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS) & ((c != ord("M")) | (s.acc == 0)),
+         fixed=c)
   n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _fits(s, MIN_TICKS),
          sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False,
          num=cls(_ACCIDENTAL).astype(jnp.int32), fixed=c)
@@ -717,8 +760,8 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   left_done = left & ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
       (s.left_code < 0) | (s.left_code == s.bar_code))
   # (The tokenizer cuts the bar before a left barline: an eos, then a patch opening with it.)
-  n.when((sub == S_NONE) & s.fresh & (s.line == 0) & (c == tokenizer.EOS) & (t > 0),
-         sub=S_LEFT_NEXT)
+  n.when((sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code != 0) &
+         (c == tokenizer.EOS) & (t > 0), sub=S_LEFT_NEXT)
   left_opens = (t == 0) & (symbol > 0) & (symbol <= 2) & _may_become(symbol, s.left_code)
   n.when(((sub == S_LEFT_NEXT) | ((sub == S_NONE) & s.fresh & (s.line == 0))) & left_opens,
          sub=S_LEFT, bar_code=symbol, fresh=False)
@@ -734,7 +777,8 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.state = _select(free, s, n.state)
   # 2. The note being read takes length characters.
   reading = free & (s.tok != T_IDLE)
-  fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok))
+  fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok)) & _group_can_close(
+      s, num, den, tok)
   n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
   n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False, fixed=0)
   n.when(reading & octave & (s.tok == T_PITCH) & ~s.rest, fixed=c)
@@ -798,20 +842,67 @@ def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n = _Next(s)
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   code = s.bar_code * 16 + symbol
+  # Endings as music21 can expand them: the first after a plain or double barline, each next one
+  # on the repeat that closes the one before (`|1 ... :|2`).
+  ending = symbol - (_BARLINE_SYMBOLS["1"] - 1)
+  repeat_closes = _leading_symbol(s.bar_code) == _BARLINE_SYMBOLS[":"]
+  ending_ok = jnp.where(s.volta == 0, (ending == 1) & _goes_on(s.bar_code),
+                        (ending == s.volta + 1) & repeat_closes)
   # abctoolkit cannot split a voice that opens with a barline and ends with a volta number (and
   # any complete line may be the last).
-  volta_ok = (symbol < _BARLINE_SYMBOLS["1"]) | (s.left_code <= 0)
-  n.when((symbol > 0) & volta_ok & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
+  volta_ok = (ending < 1) | ((s.left_code <= 0) & ending_ok)
+  # (A first ending goes on past a plain or double barline, or ends on a closing repeat.)
+  first_ok = (s.volta != 1) | (ending >= 1) | _goes_on(code) | (
+      _leading_symbol(code) == _BARLINE_SYMBOLS[":"])
+  # (A `:` after a barline's first symbol that is not one opens a start repeat.)
+  open_repeats = _repeats_at_line_end(s, jnp.int32(0))
+  starts = (symbol == _BARLINE_SYMBOLS[":"]) & (s.bar_code > 0) & (
+      _leading_symbol(s.bar_code) != _BARLINE_SYMBOLS[":"])
+  repeats_ok = ~starts | (open_repeats < MAX_REPEATS)
+  n.when((symbol > 0) & volta_ok & first_ok & repeats_ok & (s.bar_code < 16**(_BARLINE_LEN - 1)) &
          jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
          _may_become(code, s.right_code), bar_code=code)
-  # The barline is complete: every voice of a line closes with the same one.
-  ended = ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
+  # The barline is complete: every voice of a line closes with the same one. Inside a first
+  # ending, a plain barline goes on with it, and a closing repeat opens the next.
+  numbered = s.bar_code % 16 >= _BARLINE_SYMBOLS["1"]
+  in_first = (s.volta == 1) & ~numbered & ~_goes_on(s.bar_code)
+  ended = ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & ~in_first & (
       (s.right_code < 0) | (s.right_code == s.bar_code))
   next_voice = ended & (c == ord("[")) & (s.bar_where != 1) & (s.voice < s.voices)
   n.when(next_voice, ctx=B_FIXED, fixed=F_VTAG, pos=1, right_code=s.bar_code, number=0)
+  volta = jnp.where(numbered, s.bar_code % 16 - (_BARLINE_SYMBOLS["1"] - 1),
+                    jnp.where(s.volta == 1, 1, 0))
   n.when(ended & (c == ord("\n")) & (s.bar_where != 0), ctx=EOL, line=s.line + 1, voice=0,
-         target=-1, right_code=-1)
+         target=-1, right_code=-1, volta=volta, repeats=_repeats_at_line_end(s, s.bar_code))
   return n.state, n.ok
+
+
+def _repeats_after(code: jax.Array, open_repeats: jax.Array) -> jax.Array:
+  """Start repeats open after a barline, as music21 counts them: one that closes with none open
+  closes the piece's start."""
+  core = jnp.where(code % 16 >= _BARLINE_SYMBOLS["1"], code // 16, code)
+  colon = _BARLINE_SYMBOLS[":"]
+  ends = _leading_symbol(core) == colon
+  starts = (core >= 16) & (core % 16 == colon)
+  return jnp.maximum(open_repeats - ends, 0) + starts
+
+
+def _repeats_at_line_end(s: State, right: jax.Array) -> jax.Array:
+  """Start repeats open after the line's right barline `right` (and the first line's left)."""
+  left = jnp.where((s.line == 0) & (s.left_code > 0),
+                   _repeats_after(s.left_code.clip(0), s.repeats), s.repeats)
+  return _repeats_after(right, left)
+
+
+def _goes_on(code: jax.Array) -> jax.Array:
+  """The barline is `|` or `||`, which an ending goes on past."""
+  bar = _BARLINE_SYMBOLS["|"]
+  return (code == bar) | (code == bar * 16 + bar)
+
+
+def _leading_symbol(code: jax.Array) -> jax.Array:
+  """The first symbol of a barline code."""
+  return jnp.where(code >= 16**2, code // 16**2, jnp.where(code >= 16, code // 16, code))
 
 
 def _end(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
@@ -906,6 +997,16 @@ def _force(s: State, new: State, ok: jax.Array, c: jax.Array,
   ok = ok & ~((s.ctx == H_LINE) & (c == ord("[")) & (voices > 0) & (s.voices != voices))
   score_total = s.score_voices + (s.number > 0)
   ok = ok & ~((s.ctx == H_SCORE) & (c == ord("\n")) & (voices > 0) & (score_total != voices))
+  # With the voices fixed, `%%score` names 1 to that many, and opens a group or a `|` only while
+  # one of them is left for it.
+  in_score = (voices > 0) & (s.ctx == H_SCORE)
+  number = new.number
+  completes = _unseen(s.score_seen, number, jnp.minimum(number, voices)) | _unseen(
+      s.score_seen, number * 10, jnp.minimum(number * 10 + 9, voices))
+  ok = ok & ~(in_score & (number > 0) & ~completes)
+  ok = ok & ~((s.ctx == H_PERCENT) & (c == ord("%")) & (voices > MAX_SCORE_VOICES))
+  needs_item = (c == ord("|")) | (c == ord("[")) | (c == ord("{")) | (c == ord("("))
+  ok = ok & ~(in_score & needs_item & (score_total >= voices))
   forced_at = jnp.where((field >= 0) & (new.ctx == s.ctx), s.forced_at + 1, 0)
   return new.replace(forced_at=forced_at), ok
 
@@ -922,6 +1023,11 @@ def step(s: State, c: jax.Array, t: jax.Array,
                                np.int32))[s.ctx]
   state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
   ok = jnp.stack([o[1] for o in outcomes])[which] & ~s.dead
+  # One space at a time between a bar's elements and `%%score`'s items, as the training data
+  # writes them (a second one adds nothing but length).
+  spacing = (s.ctx == H_SCORE) | ((s.ctx == CONTENT) & (s.sub == S_NONE))
+  ok = ok & ~(spacing & s.spaced & (c == ord(" ")))
+  state = state.replace(spaced=c == ord(" "))
   if header is not None:
     state, ok = _force(s, state, ok, c, header)
   return state, ok
@@ -971,6 +1077,38 @@ def advance(s: State, patches: np.ndarray, prefix: np.ndarray,
     raise ValueError(f"not well-formed at character {i}: {text[max(0, i - 40):i]!r} then "
                      f"{text[i]!r}")
   return state
+
+
+_BARLINE_RE = "|".join(map(re.escape, sorted(_BARLINE_CORES, key=len, reverse=True)))
+
+
+def may_end_after(text: str) -> str:
+  """The longest prefix of whole lines after which the piece may end (as `_body_start` allows):
+  no ending nor start repeat left open by the barlines of its lines."""
+  kept = at = volta = repeats = 0
+  for line in text.splitlines(keepends=True):
+    if not line.endswith("\n"):
+      break
+    at += len(line)
+    if line.startswith("[r:"):
+      if line.startswith("[r:0/"):  # the first line's left barline, the same for every voice
+        first_voice = line[line.index("]", line.index("[V:")) + 1:]
+        left = re.match(_BARLINE_RE, first_voice)
+        repeats = _open_repeats(left.group() if left else "", repeats)
+      # Every voice closes the line with the same barline; a digit after it opens an ending.
+      right = re.search(f"({_BARLINE_RE})(\\d?)\n$", line)
+      repeats = _open_repeats(right.group(1), repeats)
+      volta = int(right.group(2)) if right.group(2) else (1 if volta == 1 else 0)
+    if volta == 0 and repeats == 0:
+      kept = at
+  return text[:kept]
+
+
+def _open_repeats(barline: str, open_repeats: int) -> int:
+  """`_repeats_after` for a barline's spelling."""
+  ends = barline.startswith(":")
+  starts = len(barline) > 1 and barline.endswith(":")
+  return max(open_repeats - ends, 0) + starts
 
 
 def patch_chars(patches: np.ndarray) -> tuple[list[int], list[int]]:

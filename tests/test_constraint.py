@@ -36,8 +36,10 @@ def training_form(prompt: str, interleaved: str) -> str:
   return prompt + "".join(lines[:split]) + "".join(marked)
 
 
-def rejection(text: str) -> int | None:
-  return constraint.first_rejections([PATCHILIZER.encode_generate(text)])[0]
+def rejection(text: str, ended: bool = False) -> int | None:
+  """Where the automaton first rejects `text` (None: nowhere); `ended` adds the piece's end."""
+  end = [PATCHILIZER.to_ids([PATCHILIZER.eos_patch])[0]] if ended else []
+  return constraint.first_rejections([PATCHILIZER.encode_generate(text) + end])[0]
 
 
 def test_admits_a_written_piece_and_rejects_each_malformation():
@@ -61,6 +63,37 @@ def test_admits_a_written_piece_and_rejects_each_malformation():
   for name, text in bad.items():
     assert text != good, name
     assert rejection(text) is not None, name
+
+
+def test_endings_spaces_and_score_groups_are_read_as_music21_and_the_data_have_them():
+  header = HEADER.replace("%%score 1 2", "%%score { ( 1 3 ) | 2 }") + "V:3 bass\n"
+  good = PROMPT + header + (
+      "[r:0/3][V:1]B6|1[V:2]E6|1[V:3]z6|1\n"
+      "[r:1/2][V:1]c2 d4:|2[V:2]E6:|2[V:3]z6:|2\n"
+      "[r:2/1][V:1]d6|[V:2]E6|[V:3]z6|\n"
+      "[r:3/0][V:1]e6|][V:2]E6|][V:3]z6|]\n")
+  assert rejection(good, ended=True) is None
+  bad = {
+      "second ending without a first": good.replace("|1", "|"),
+      "a start repeat never closed": good.replace("e6|]", "e6||:").replace("E6|]", "E6||:").replace(
+          "z6|]", "z6||:"),
+      "ends inside its first ending": "".join(good.splitlines(keepends=True)[:-3]),
+      "first ending on a closing repeat": good.replace("|1", ":|1"),
+      "third ending after the first": good.replace(":|2", ":|3"),
+      "first ending closed without a repeat": good.replace(":|2", "||2"),
+      "two spaces in a bar": good.replace("c2 d4", "c2  d4"),
+      "two spaces in %%score": good.replace("( 1 3 )", "( 1  3 )"),
+      "a voice three past those named": good.replace(
+          "%%score { ( 1 3 ) | 2 }", "%%score { ( 1 4 ) | 2 3 }"),
+  }
+  for name, text in bad.items():
+    assert text != good, name
+    assert rejection(text, ended=True) is not None, name
+  # A piece cut inside a first ending keeps the lines before it opened.
+  lines = good.splitlines(keepends=True)
+  assert constraint.may_end_after("".join(lines[:-3])) == "".join(lines[:-4])
+  assert constraint.may_end_after("".join(lines[:-2])) == "".join(lines[:-4])
+  assert constraint.may_end_after("".join(lines[:-1]) + "[r:3/0][V:1]e") == "".join(lines[:-1])
 
 
 def test_prepared_chorales_in_every_key_are_admitted(corpus_shards):
@@ -121,8 +154,8 @@ _steps = jax.jit(jax.vmap(constraint.step))
 
 def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
   """Random logits: each row draws every char uniformly among those admitted, patches cut as the
-  tokenizer cuts them, until the end or a dead end; each text cut after its last complete line
-  (as the sampler cuts a piece it stops)."""
+  tokenizer cuts them, until the end; each text cut where it may end (as the sampler cuts a piece
+  it stops)."""
   rng = np.random.default_rng(seed)
   state = constraint.batch([constraint.initial()] * rows)
   t = np.zeros(rows, np.int32)
@@ -133,10 +166,9 @@ def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
     drawn = np.zeros(rows, np.int32)
     for row in np.flatnonzero(walking):
       choices = np.flatnonzero(admitted[row])
-      if len(choices):
-        drawn[row] = rng.choice(choices)
-      else:
-        walking[row] = False
+      # Every prefix the automaton admits can be completed: no dead ends.
+      assert len(choices), "".join(chr(c) for c in chars[row])
+      drawn[row] = rng.choice(choices)
     moved, _ = _steps(state, jnp.asarray(drawn), jnp.asarray(t))
     state = jax.tree.map(lambda new, old: jnp.where(jnp.asarray(walking), new, old), moved, state)
     walking &= np.asarray(state.ctx) != constraint.DONE
@@ -146,7 +178,7 @@ def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
     if not walking.any():
       break
   texts = ["".join(chr(c) for c in row if c > tokenizer.EOS) for row in chars]
-  return [text[:text.rfind("\n") + 1] for text in texts]
+  return [constraint.may_end_after(text) for text in texts]
 
 
 @hypothesis.settings(max_examples=2, deadline=None,
@@ -156,6 +188,7 @@ def test_random_walks_through_the_automaton_are_well_formed(seed):
   texts = [text for text in _random_walks(seed, rows=24) if "[r:" in text]
   assert len(texts) >= 12  # most walks write a body line (the rest stop in a long header)
   for text in texts:
+    assert rejection(text, ended=True) is None  # cut where the piece may end
     _check_well_formed(text)
 
 
