@@ -314,6 +314,14 @@ def _fits(s: State, ticks: jax.Array) -> jax.Array:
   return jnp.where(in_group, grouped, ticks <= _bound(s))
 
 
+def _group_fits(s: State, p: jax.Array, q: jax.Array, r: jax.Array) -> jax.Array:
+  """A tuplet group `(p:q:r` of the shortest notes fits the bar, its total rounded up to a
+  whole number of 1/64 units (`_commit`)."""
+  p, q = p.clip(1), q.clip(1)
+  step = MIN_TICKS * p // jnp.gcd(p, q)
+  return (r * MIN_TICKS + step - 1) // step * step * q <= _bound(s) * p
+
+
 def _pending_ticks(s: State) -> jax.Array:
   """The length of the note being read, were it to end here."""
   den = jnp.where(s.tok == T_SLASH, 2 * jnp.where(s.num > 0, 0, 1), s.den)
@@ -740,14 +748,19 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   # Tuplet specs: `(3`, or `(p:q:r` with single digits.
   tup = sub == S_TUPLET
   field_value = jnp.stack([s.tp, s.tq, s.tr])[s.tuplet.clip(0, 2)]
+  # (Each digit leaves room in the bar for the shortest group the spec can still become.)
   n.when(tup & (c == ord(":")) & (s.tuplet < 2) & (field_value > 0), tuplet=s.tuplet + 1)
-  n.when(tup & cls(_DIGIT) & (digit > 0) & (field_value == 0),
-         tq=jnp.where(s.tuplet == 1, digit, s.tq), tr=jnp.where(s.tuplet == 2, digit, s.tr))
+  tq = jnp.where(s.tuplet == 1, digit, s.tq)
+  tr = jnp.where(s.tuplet == 2, digit, jnp.int32(1))
+  n.when(tup & cls(_DIGIT) & (digit > 0) & (field_value == 0) & _group_fits(s, s.tp, tq, tr),
+         tq=tq, tr=jnp.where(s.tuplet == 2, digit, s.tr))
   # (Not right after a broken rhythm, which abctoolkit would apply to the spec.)
-  n.when((sub == S_PAREN) & cls(_DIGIT) & (digit > 0) & (s.group_left == 0) & ~s.need_note,
+  n.when((sub == S_PAREN) & cls(_DIGIT) & (digit > 0) & (s.group_left == 0) & ~s.need_note &
+         _group_fits(s, digit, jnp.int32(1), jnp.int32(1)),
          sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
   # The spec ends at its first other character; `(` without a digit opens a slur.
-  spec_done = tup & ~n.ok & (((s.tuplet == 0) & (s.tp == 3)) | ((s.tuplet == 2) & (s.tr > 0)))
+  triplet = (s.tuplet == 0) & (s.tp == 3) & _group_fits(s, s.tp, jnp.int32(2), jnp.int32(3))
+  spec_done = tup & ~n.ok & (triplet | ((s.tuplet == 2) & (s.tr > 0)))
   # The first line's bars may open with a barline (`|:`), the same for every voice.
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   left = sub == S_LEFT
@@ -807,7 +820,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(free & (c == ord(")")))
   n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
   n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0) &
-         (s.group_p > 0),
+         (s.group_p > 0) & _fits(s, MIN_TICKS),
          after_note=False, need_note=True)
   n.when(free & (c == ord(" ")), after_note=False)
   n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False)
@@ -1077,38 +1090,6 @@ def advance(s: State, patches: np.ndarray, prefix: np.ndarray,
     raise ValueError(f"not well-formed at character {i}: {text[max(0, i - 40):i]!r} then "
                      f"{text[i]!r}")
   return state
-
-
-_BARLINE_RE = "|".join(map(re.escape, sorted(_BARLINE_CORES, key=len, reverse=True)))
-
-
-def may_end_after(text: str) -> str:
-  """The longest prefix of whole lines after which the piece may end (as `_body_start` allows):
-  no ending nor start repeat left open by the barlines of its lines."""
-  kept = at = volta = repeats = 0
-  for line in text.splitlines(keepends=True):
-    if not line.endswith("\n"):
-      break
-    at += len(line)
-    if line.startswith("[r:"):
-      if line.startswith("[r:0/"):  # the first line's left barline, the same for every voice
-        first_voice = line[line.index("]", line.index("[V:")) + 1:]
-        left = re.match(_BARLINE_RE, first_voice)
-        repeats = _open_repeats(left.group() if left else "", repeats)
-      # Every voice closes the line with the same barline; a digit after it opens an ending.
-      right = re.search(f"({_BARLINE_RE})(\\d?)\n$", line)
-      repeats = _open_repeats(right.group(1), repeats)
-      volta = int(right.group(2)) if right.group(2) else (1 if volta == 1 else 0)
-    if volta == 0 and repeats == 0:
-      kept = at
-  return text[:kept]
-
-
-def _open_repeats(barline: str, open_repeats: int) -> int:
-  """`_repeats_after` for a barline's spelling."""
-  ends = barline.startswith(":")
-  starts = len(barline) > 1 and barline.endswith(":")
-  return max(open_repeats - ends, 0) + starts
 
 
 def patch_chars(patches: np.ndarray) -> tuple[list[int], list[int]]:

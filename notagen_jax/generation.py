@@ -173,8 +173,26 @@ def _write_midi(musicxml: str, path: epath.Path) -> epath.Path:
   import music21  # pylint: disable=import-outside-toplevel
   score = music21.converter.parse(musicxml, format="musicxml")
   with storage.local_output(path) as local:  # music21 writes only local files
-    score.write("midi", fp=str(local))
+    try:
+      score.write("midi", fp=str(local))
+    except music21.repeat.ExpanderException:
+      # music21 unrolls repeats for MIDI and refuses those it cannot pair (a piece stopped
+      # inside a repeat, a voice abc2xml gave one barline less): they play as written.
+      _drop_repeats(score)
+      score.write("midi", fp=str(local))
   return path
+
+
+def _drop_repeats(score) -> None:
+  """Plain barlines for repeat barlines, and no segno, coda or da capo marks."""
+  import music21  # pylint: disable=import-outside-toplevel
+  for measure in score.recurse().getElementsByClass(music21.stream.Measure):
+    for side in ("leftBarline", "rightBarline"):
+      barline = getattr(measure, side)
+      if isinstance(barline, music21.bar.Repeat):
+        setattr(measure, side, music21.bar.Barline(barline.type))
+  for mark in list(score.recurse().getElementsByClass(music21.repeat.RepeatExpression)):
+    mark.activeSite.remove(mark)
 
 
 def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.PathLike, *,

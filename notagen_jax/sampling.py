@@ -589,9 +589,8 @@ class _Generation:
     self.state = self.state.replace(active=self.state.active.at[row].set(False))
     text = piece.prompt + "".join(piece.text)
     if self.sampler.settings.constrained and not ended:
-      # A piece stopped inside a line keeps its complete lines, up to where it may end: what it
-      # wrote stays well-formed.
-      text = constraint.may_end_after(text)
+      # A piece stopped inside a line keeps its complete lines: what it wrote stays well-formed.
+      text = text[:text.rfind("\n") + 1]
       if not any(line.startswith(BODY_MARKER) for line in text.split("\n")):
         ok, reason = False, reason or "stopped before its first complete line"
     result = Result(piece.index, piece.prompt, text, ok, reason,

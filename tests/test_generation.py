@@ -39,6 +39,17 @@ def test_a_real_piece_is_written_in_every_format(cases, tmp_path):
   assert (tmp_path / "bwv.mid").read_bytes()[:4] == b"MThd"
 
 
+def test_repeats_music21_cannot_unroll_play_as_written_in_the_midi(tmp_path):
+  """A piece stopped inside a repeat: music21 refuses to unroll it; the MIDI plays it through."""
+  text = ("%Baroque\n%Bach, Johann Sebastian\n%Keyboard\nL:1/4\nM:2/4\nK:C\nV:1 treble\n"
+          "[r:0/2][V:1]|:C D|\n[r:1/1][V:1]E F::\n[r:2/0][V:1]G2|\n")
+  written = generation.write_piece(_result(text), tmp_path, "open")
+  assert written.errors == {}
+  import music21  # pylint: disable=import-outside-toplevel
+  score = music21.converter.parse(tmp_path / "open.mid")
+  assert [n.name for n in score.flatten().notes] == ["C", "D", "E", "F", "G"]
+
+
 def test_a_broken_piece_keeps_its_abc_and_names_the_failure(tmp_path):
   written = generation.write_piece(_result("%Baroque\nnot music at all\n"), tmp_path, "bad")
   assert (tmp_path / "bad.abc").read_text() == "%Baroque\nnot music at all\n"
