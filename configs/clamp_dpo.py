@@ -56,6 +56,13 @@ def get_config(arg: str = "small"):
   # of every voice, which a few minutes of training alone do not teach a tiny model.
   c.select.filters = ("aligned", "grouped", "original")
 
+  # Several processes (TPU slice, SLURM, launch/local.sh --num_processes=N): train's flags, read
+  # once by `clamp_dpo` for every stage (c.train.distributed is not read).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # empty: auto-detect (TPU pod, SLURM) or single process
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
   c.train = dpo.get_config(size)
   if quick:
     c.train.optimizer.learning_rate = 2e-5

@@ -8,7 +8,11 @@ iteration lives in WORKDIR/iteration_<k>/:
   preferences.json    {"chosen": [...], "rejected": [...]}: the original's format, raw texts
   train/              the DPO run (trainer.train_and_evaluate), final_params/ = the next policy
 
-A step whose output exists is not redone, so an interrupted loop continues where it stopped.
+A step whose output exists is not redone, so an interrupted loop continues where it stopped
+(within sampling too: a drawn piece is not drawn again).
+With several processes (`distributed.initialize`, the same flags as `train`) every process draws
+and scores its share of the pieces over its local devices, process 0 writes the shared files, and
+DPO trains on the whole mesh; the pieces, scores and pairs are those of one process.
 After the last training, iteration K samples and scores the final policy (no training), so the
 summary shows the score of every policy. WORKDIR/summary.json|.txt and score.png sum it up;
 WORKDIR/report.html adds the chosen and rejected pieces of each iteration, engraved.
@@ -27,6 +31,7 @@ from etils import epath
 
 from notagen_jax import checkpoint
 from notagen_jax import config as config_lib
+from notagen_jax import distributed
 from notagen_jax import generation
 from notagen_jax import report
 from notagen_jax import sampling
@@ -121,11 +126,14 @@ def sample(c: ml_collections.ConfigDict, policy: str, out: epath.Path,
     written = generation.generate(model, [prompt] * c.sample.num_pieces, out,
                                   settings=sampling.Settings(**_settings_fields(c)),
                                   batch=c.sample.batch, seed=seed, formats=("xml",),
-                                  perplexity=True)  # one forward per piece, next to sampling it
+                                  perplexity=True,  # one forward per piece, next to sampling it
+                                  resume=True, progress=distributed.is_lead())
     record = {"summary": generation.summary(written),
               "pieces": [{"abc": w.files["abc"], "ok": w.ok, "musicxml": "xml" in w.files}
                          for w in written]}
-    done.write_text(json.dumps(record, indent=1))
+    if distributed.is_lead():
+      done.write_text(json.dumps(record, indent=1))
+    distributed.barrier(f"notagen_jax:sampled:{out}")
   record = json.loads(done.read_text())
   return [storage.path(p["abc"]).read_text() for p in record["pieces"]], record
 
@@ -135,15 +143,19 @@ def score(c: ml_collections.ConfigDict, texts: list[str], embedder: Embedder,
   """Scores and selects; writes scores.json and preferences.json unless there already."""
   path = out / "scores.json"
   if not path.exists():
-    selection = preferences.choose(texts, embedder, ground_truth, fraction=c.select.fraction,
+    # Each process embeds its share of the pieces; all then select alike, process 0 writes.
+    shared = distributed.SharedEmbedder(embedder, out / "features")
+    selection = preferences.choose(texts, shared, ground_truth, fraction=c.select.fraction,
                                    max_similarity=c.scorer.max_similarity,
                                    score_malformed=c.select.score_malformed,
                                    filters=tuple(c.select.filters))
-    preferences.write_preferences(out / "preferences.json", texts, selection)
-    path.write_text(json.dumps({
-        "counts": {k: _plain(v) for k, v in vars(selection.counts).items()},
-        "scores": [None if np.isnan(s) else float(s) for s in selection.scores],
-        "chosen": selection.chosen, "rejected": selection.rejected}, indent=1))
+    if distributed.is_lead():
+      preferences.write_preferences(out / "preferences.json", texts, selection)
+      path.write_text(json.dumps({
+          "counts": {k: _plain(v) for k, v in vars(selection.counts).items()},
+          "scores": [None if np.isnan(s) else float(s) for s in selection.scores],
+          "chosen": selection.chosen, "rejected": selection.rejected}, indent=1))
+    distributed.barrier(f"notagen_jax:scored:{out}")
   return json.loads(path.read_text())
 
 
@@ -201,13 +213,19 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The whole loop; returns the summary rows (also written to WORKDIR/summary.*)."""
   validate(c)
   workdir = storage.path(c.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
+  lead = distributed.is_lead()
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=1))
   embedder = make_embedder(c.scorer)
   combination = tuple(c.prompt) if c.ground_truth.match_prompt else None
   truth = ground_truth_texts(c.ground_truth.prepared_dir, combination)
-  truth_features = preferences.ground_truth_features(
-      truth, embedder, cache=workdir / f"ground_truth_{embedder.name}.npy")
+  cache = workdir / f"ground_truth_{embedder.name}.npy"
+  # Process 0 embeds the ground truth into the cache, which the others then read.
+  if lead:
+    preferences.ground_truth_features(truth, embedder, cache=cache)
+  distributed.barrier(f"notagen_jax:ground_truth:{workdir}")
+  truth_features = preferences.ground_truth_features(truth, embedder, cache=cache)
   logging.info("ground truth: %d pieces", len(truth))
   policy, rows = c.init_checkpoint, []
   for k in range(c.iterations + 1):
@@ -216,9 +234,10 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     texts, samples = sample(c, policy, out / "samples", seed=c.sample.seed + 1000 * k)
     scores = score(c, texts, embedder, truth_features, out)
     rows.append(row(k, samples, scores))
-    _write_summary(workdir, rows, embedder.name)
-    report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters))
-    print(table(rows), flush=True)
+    if lead:
+      _write_summary(workdir, rows, embedder.name)
+      report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters))
+      print(table(rows), flush=True)
     if k < c.iterations:
       if not scores["chosen"] or not scores["rejected"]:
         raise RuntimeError(f"iteration {k}: no preference pairs (counts {scores['counts']}); "

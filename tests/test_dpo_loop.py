@@ -71,12 +71,12 @@ def fake_sampler(monkeypatch, prepared):
   real = [_with_markers(r["augmented"][key]) for r in records for key in ("C", "G")]
   calls = []
 
-  def run(self, prompts, seed=0, on_result=None, header=None):
+  def run(self, prompts, seed=0, on_result=None, header=None, indices=None):
     assert self.settings.constrained and header is None
     calls.append(seed)
-    rng = random.Random(seed)
     results = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in zip(indices or range(len(prompts)), prompts):
+      rng = random.Random(seed * 1000 + i)  # each piece its own draw, as the sampler's
       body = rng.choice(real) if i % 4 else "[r:0/0]zz|\n" * 3
       result = sampling.Result(i, prompt, prompt + body, True, "", 10, 0, 0.1)
       results.append(result)
