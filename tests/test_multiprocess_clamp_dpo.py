@@ -47,7 +47,7 @@ def _params(directory):
   return jax.tree.leaves(nnx.to_pure_dict(nnx.state(checkpoint.restore_params(directory))))
 
 
-@pytest.mark.slow  # several minutes: three clamp_dpo runs of two iterations' sampling each
+@pytest.mark.slow  # about nine minutes here: three clamp_dpo runs, each sampling twice and training
 def test_two_processes_equal_one_and_a_stopped_run_goes_on(tmp_path, golden_dir, corpus_shards):
   prepared = pathlib.Path(corpus_shards).parents[3] / "prepared"
   init = golden_dir / "tiny.pth"
