@@ -52,9 +52,8 @@ def test_two_processes_equal_one_and_a_stopped_run_goes_on(tmp_path, golden_dir,
   prepared = pathlib.Path(corpus_shards).parents[3] / "prepared"
   init = golden_dir / "tiny.pth"
   one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-  # One process of four devices, two of two each: the same mesh for DPO. (Two processes of one
-  # device each cannot export the trained params: orbax fails on their replicated arrays, in
-  # `train` alone too.)
+  # One process of four devices, two of two each: the same mesh for DPO, and each process's
+  # sampler spreads its rows over its devices too.
   done = _launch(one, 1, 4, _flags(init, prepared))
   assert done.returncode == 0, done.stderr[-3000:]
   done = _launch(two, 2, 2, _flags(init, prepared))
