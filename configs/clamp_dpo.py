@@ -20,13 +20,16 @@ def get_config(arg: str = "small"):
   c.init_checkpoint = ""  # the first policy: ours or an original NotaGen .pth
   c.iterations = 2
   c.prompt = ("Baroque", "Bach, Johann Sebastian", "Choral")  # period, composer, instrumentation
+  # The paper's prompts instead: every combination of ground_truth.prepared_dir (112 in its
+  # fine-tuning corpus), sample.num_pieces pieces each, each scored against its own ground truth.
+  c.prompts_from_corpus = False
 
   c.ground_truth = ml_collections.ConfigDict()
   c.ground_truth.prepared_dir = ""  # a `prepare` output
   c.ground_truth.match_prompt = True  # only its pieces with the same prompt
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.num_pieces = 192 if quick else 1000
+  c.sample.num_pieces = 192 if quick else 1000  # per prompt
   c.sample.batch = 16 if quick else 32
   c.sample.top_k = 9
   c.sample.top_p = 0.9
@@ -55,6 +58,13 @@ def get_config(arg: str = "small"):
   # The original's chosen-set filters, the quickstart's too: constrained sampling aligns the bars
   # of every voice, which a few minutes of training alone do not teach a tiny model.
   c.select.filters = ("aligned", "grouped", "original")
+
+  # Several processes (TPU slice, SLURM, launch/local.sh --num_processes=N): train's flags, read
+  # once by `clamp_dpo` for every stage (c.train.distributed is not read).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # empty: auto-detect (TPU pod, SLURM) or single process
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
 
   c.train = dpo.get_config(size)
   if quick:

@@ -8,7 +8,10 @@ usage() {
 Usage: launch/gpu_slurm.sh --workdir=DIR [options] [-- extra train flags]
 
   --workdir=DIR           WORKDIR        run directory on a filesystem every node sees (required)
-  --config=FILE[:ARG]     CONFIG         default configs/pretrain.py:small
+  --module=M              MODULE         train (default), clamp_dpo or generate (pieces into
+                                         DIR; its flags after --), same flags each
+  --config=FILE[:ARG]     CONFIG         default configs/pretrain.py:small (train),
+                                         configs/clamp_dpo.py:small (clamp_dpo)
   --nodes=N               NODES          default 1
   --gpus_per_node=G       GPUS_PER_NODE  default 8
   --mode=per-gpu|per-node TASK_MODE      one process per GPU (default) or per node
@@ -37,7 +40,8 @@ EOF
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 workdir="${WORKDIR:-}"
-config="${CONFIG:-configs/pretrain.py:small}"
+module="${MODULE:-train}"
+config="${CONFIG:-}"
 nodes="${NODES:-1}"
 gpus_per_node="${GPUS_PER_NODE:-8}"
 mode="${TASK_MODE:-per-gpu}"
@@ -57,6 +61,7 @@ extra=()
 while (($#)); do
   case "$1" in
     --workdir=*) workdir="${1#*=}" ;;
+    --module=*) module="${1#*=}" ;;
     --config=*) config="${1#*=}" ;;
     --nodes=*) nodes="${1#*=}" ;;
     --gpus_per_node=*) gpus_per_node="${1#*=}" ;;
@@ -82,6 +87,12 @@ done
 
 die() { echo "gpu_slurm.sh: $*" >&2; exit 2; }
 [[ -n "$workdir" ]] || die "--workdir (or WORKDIR) is required"
+case "$module" in
+  train) config="${config:-configs/pretrain.py:small}" ;;
+  clamp_dpo) config="${config:-configs/clamp_dpo.py:small}" ;;
+  generate) ;;
+  *) die "--module must be train, clamp_dpo or generate, got $module" ;;
+esac
 for value in "$nodes" "$gpus_per_node" "$cpus_per_gpu"; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || die "--nodes, --gpus_per_node, --cpus_per_gpu: positive integers"
 done
@@ -98,7 +109,7 @@ sbatch=(sbatch "--job-name=$job_name" "--nodes=$nodes" "--ntasks-per-node=$tasks
 if [[ -n "$partition" ]]; then sbatch+=("--partition=$partition"); fi
 if [[ -n "$account" ]]; then sbatch+=("--account=$account"); fi
 if [[ -n "$qos" ]]; then sbatch+=("--qos=$qos"); fi
-sbatch+=("${sbatch_args[@]}" launch/gpu_slurm.sbatch "--mode=$mode" "--config=$config"
+sbatch+=("${sbatch_args[@]}" launch/gpu_slurm.sbatch "--mode=$mode" "--module=$module" "--config=$config"
          "--workdir=$workdir" "--port=$port" "--python=$python" -- "${extra[@]}")
 
 lines=("cd $(quote "$PWD")" "$(quote mkdir -p "$logs_dir")" "$(quote "${sbatch[@]}")")

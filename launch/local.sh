@@ -8,11 +8,14 @@ usage() {
   cat <<'EOF'
 Usage: launch/local.sh --workdir=DIR [options] [-- extra train flags]
 
-Runs N copies of `python -m notagen_jax.train` on this machine, joined by jax.distributed
+Runs N copies of `python -m notagen_jax.MODULE` on this machine, joined by jax.distributed
 (process I of N, coordinator localhost:PORT). Every option also reads an environment variable.
 
   --workdir=DIR          WORKDIR       run directory (required); logs in DIR/logs/process_I.log
-  --config=FILE[:ARG]    CONFIG        default configs/pretrain.py:small
+  --module=M             MODULE        train (default), clamp_dpo or generate (pieces into
+                                       DIR, its flags after --): the same flags each
+  --config=FILE[:ARG]    CONFIG        default configs/pretrain.py:small (train),
+                                       configs/clamp_dpo.py:quickstart (clamp_dpo)
   --num_processes=N      NUM_PROCESSES default 2 (1: a plain single-process run)
   --port=PORT            PORT          coordinator port (default: a free port)
   --devices_per_process=D DEVICES_PER_PROCESS  simulated CPU devices per process (default 1)
@@ -31,7 +34,8 @@ EOF
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 workdir="${WORKDIR:-}"
-config="${CONFIG:-configs/pretrain.py:small}"
+module="${MODULE:-train}"
+config="${CONFIG:-}"
 num_processes="${NUM_PROCESSES:-2}"
 port="${PORT:-}"
 devices_per_process="${DEVICES_PER_PROCESS:-1}"
@@ -43,6 +47,7 @@ extra=()
 while (($#)); do
   case "$1" in
     --workdir=*) workdir="${1#*=}" ;;
+    --module=*) module="${1#*=}" ;;
     --config=*) config="${1#*=}" ;;
     --num_processes=*) num_processes="${1#*=}" ;;
     --port=*) port="${1#*=}" ;;
@@ -59,6 +64,12 @@ while (($#)); do
 done
 
 [[ -n "$workdir" ]] || { echo "local.sh: --workdir (or WORKDIR) is required" >&2; exit 2; }
+case "$module" in
+  train) config="${config:-configs/pretrain.py:small}" ;;
+  clamp_dpo) config="${config:-configs/clamp_dpo.py:quickstart}" ;;
+  generate) ;;
+  *) echo "local.sh: --module must be train, clamp_dpo or generate, got $module" >&2; exit 2 ;;
+esac
 [[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || {
   echo "local.sh: --num_processes must be a positive integer, got $num_processes" >&2; exit 2; }
 [[ "$devices_per_process" =~ ^[1-9][0-9]*$ ]] || {
@@ -80,7 +91,12 @@ fi
 
 lines=()
 for ((i = 0; i < num_processes; i++)); do
-  cmd=("${env_words[@]}" "$python" -m notagen_jax.train "--config=$config" "--workdir=$workdir")
+  cmd=("${env_words[@]}" "$python" -m "notagen_jax.$module")
+  if [[ "$module" == generate ]]; then
+    cmd+=("--output=$workdir")
+  else
+    cmd+=("--config=$config" "--workdir=$workdir")
+  fi
   if ((num_processes > 1)); then
     cmd+=("--config.distributed.coordinator_address=localhost:$port"
           "--config.distributed.num_processes=$num_processes"

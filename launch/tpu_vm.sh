@@ -8,6 +8,9 @@ usage() {
   cat <<'EOF'
 Usage: launch/tpu_vm.sh [options] COMMAND [-- extra train flags]
 
+Starts `python -m notagen_jax.train` (or clamp_dpo, generate: --module) on every worker of the
+slice.
+
 Commands:
   up      create the TPU VM / pod slice (or reuse it when it exists), copy or pull the code on
           every worker and install the package with its tpu extra only (no torch, transformers
@@ -55,7 +58,13 @@ Options (each also reads the environment variable named beside it; nothing is ha
                                              'jax[tpu]==V' (a .pth init_checkpoint needs the
                                              torch extra too: '.[tpu,torch]' here, or start from
                                              an Orbax checkpoint)
-  --config=FILE[:ARG]      CONFIG            default configs/pretrain.py:small
+  --module=M               MODULE            train (default), clamp_dpo (the CLaMP-DPO loop,
+                                             every stage over every worker; resume goes on
+                                             where it stopped, drawn pieces kept) or generate
+                                             (pieces into the workdir; pass --resume after --
+                                             to keep those drawn before)
+  --config=FILE[:ARG]      CONFIG            default configs/pretrain.py:small (train),
+                                             configs/clamp_dpo.py:small (clamp_dpo)
   --bucket=gs://B          BUCKET            runs go to BUCKET/runs/RUN_NAME unless --workdir
   --workdir=PATH           WORKDIR           gs://... or a shared filesystem path
   --shards_dir=PATH        SHARDS_DIR        gs://... or shared; passed as config.data.shards_dir
@@ -92,7 +101,8 @@ defaults() {
   remote_dir="${REMOTE_DIR:-notagen-jax}"
   jax_version="${JAX_VERSION:-}"
   install_cmd="${INSTALL_CMD:-}"
-  config="${CONFIG:-configs/pretrain.py:small}"
+  module="${MODULE:-train}"
+  config="${CONFIG:-}"
   bucket="${BUCKET:-}"
   workdir="${WORKDIR:-}"
   shards_dir="${SHARDS_DIR:-}"
@@ -120,6 +130,7 @@ parse() {
       --remote_dir=*) remote_dir="${1#*=}" ;;
       --jax_version=*) jax_version="${1#*=}" ;;
       --install=*) install_cmd="${1#*=}" ;;
+      --module=*) module="${1#*=}" ;;
       --config=*) config="${1#*=}" ;;
       --bucket=*) bucket="${1#*=}" ;;
       --workdir=*) workdir="${1#*=}" ;;
@@ -197,6 +208,15 @@ fi
 [[ -n "$project" ]] || die "--project (or PROJECT) is required"
 [[ -n "$zone" ]] || die "--zone (or ZONE) is required"
 [[ "$code" == copy || "$code" == git ]] || die "--code must be copy or git"
+case "$module" in
+  train) config="${config:-configs/pretrain.py:small}" ;;
+  clamp_dpo) config="${config:-configs/clamp_dpo.py:small}" ;;
+  generate) ;;
+  *) die "--module must be train, clamp_dpo or generate, got $module" ;;
+esac
+if [[ "$module" != train && -n "$shards_dir" ]]; then
+  die "--shards_dir is train's data; $module samples its own"
+fi
 [[ "$log_sync_every" =~ ^[1-9][0-9]*$ ]] || die "--log_sync_every must be a positive integer"
 [[ -z "$logs_from" || "$logs_from" == workdir || "$logs_from" == workers ]] \
   || die "--logs_from must be workdir or workers"
@@ -362,7 +382,8 @@ write_record() {
                "--name=$name" "--project=$project" "--zone=$zone"
                "--accelerator_type=$accelerator_type" "--runtime_version=$runtime_version"
                "--code=$code" "--git_repo=$git_repo" "--git_ref=$git_ref"
-               "--remote_dir=$remote_dir" "--jax_version=$jax_version" "--config=$config"
+               "--remote_dir=$remote_dir" "--jax_version=$jax_version" "--module=$module"
+               "--config=$config"
                "--workdir=$workdir" "--shards_dir=$shards_dir" "--run_name=$run_name"
                "--num_hosts=$num_hosts" "--python=$python" "--log_sync_every=$log_sync_every")
   if [[ -n "$install_cmd" ]]; then flags+=("--install=$install_cmd"); fi
@@ -376,7 +397,12 @@ write_record() {
 
 run() {
   [[ -n "$workdir" ]] || die "--workdir or --bucket (or WORKDIR / BUCKET) is required to run"
-  local train=("$python" -m notagen_jax.train "--config=$config" "--workdir=$workdir")
+  local train=("$python" -m "notagen_jax.$module")
+  if [[ "$module" == generate ]]; then
+    train+=("--output=$workdir")  # its flags after --, e.g. --checkpoint=... --num_pieces=...
+  else
+    train+=("--config=$config" "--workdir=$workdir")
+  fi
   if [[ -n "$shards_dir" ]]; then train+=("--config.data.shards_dir=$shards_dir"); fi
   # More than one host: every worker calls jax.distributed.initialize(), which reads the slice
   # from the TPU environment (coordinator, process ids).

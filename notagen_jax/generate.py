@@ -11,18 +11,24 @@ in the training form (`--noconstrained`: as the original); `--meter`, `--key`, `
 `--tempo` and `--voices` fix those header lines (a continued score's header must agree). The
 printed summary holds the run's measures (conversion rates, bar-alignment error, the original's
 filters, perplexity: docs/generation.md).
-Every path may be local or a gs:// URL.
+Every path may be local or a gs:// URL. Several processes (a TPU slice, SLURM, or
+`--config.distributed.*` as for `train`; launch/*.sh --module=generate) each draw their share of
+the pieces over their local devices, the same pieces as one process; process 0 writes the record
+and the report. `--resume` keeps the pieces an interrupted run finished.
 """
 
 import dataclasses
 import json
 
+import ml_collections
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from notagen_jax import checkpoint
 from notagen_jax import cli
 from notagen_jax import constraint
+from notagen_jax import distributed
 from notagen_jax import generation
 from notagen_jax import report
 from notagen_jax import sampling
@@ -69,6 +75,12 @@ _HEADER = {
 _FORMATS = flags.DEFINE_list("formats", ["xml", "mid"], "Outputs besides the ABC: xml, mid.")
 flags.register_validator("formats", lambda formats: set(formats) <= {"xml", "mid"},
                          "takes xml, mid, both or nothing (comma-separated)")
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Keep the pieces already in --output (their records written) and draw the "
+    "others: an interrupted run, on any number of processes, goes on.")
+# The same `--config.distributed.*` flags as train and clamp_dpo (read by the launch scripts).
+_CONFIG = config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict({"distributed": {
+    "coordinator_address": "", "num_processes": 0, "process_id": -1}}))
 _PERPLEXITY = flags.DEFINE_bool(
     "perplexity", True, "Score each piece under the checkpoint's own weights (one forward pass "
     "per piece) and print the samples' perplexity in the summary.")
@@ -116,13 +128,17 @@ def main(argv):
       raise app.UsageError("; ".join(
           f"--{field}={fixed[field]}: --continue_from={_CONTINUE.value} has {written}"
           for field, written in conflicts))
+  distributed.initialize(_CONFIG.value)
   with cli.reported(_CHECKPOINT.value, errors=(Exception,)):
     model = checkpoint.load_model(_CHECKPOINT.value)
   weights_dtype = None if _WEIGHTS_DTYPE.value == "float32" else _WEIGHTS_DTYPE.value
   written = generation.generate(model, [prompt] * _N.value, _OUTPUT.value, settings=settings,
                                 batch=_BATCH.value, seed=_SEED.value, formats=_FORMATS.value,
                                 weights_dtype=weights_dtype, perplexity=_PERPLEXITY.value,
-                                header=header)
+                                header=header, resume=_RESUME.value,
+                                progress=distributed.is_lead())
+  if not distributed.is_lead():
+    return
   for item in written:
     status = "ok" if item.ok else f"FAILED ({item.reason})"
     errors = "; ".join(f"{k}: {v}" for k, v in item.errors.items())

@@ -1,8 +1,9 @@
 """Generation as users run it: prompts in, pieces out as ABC, un-reduced ABC, MusicXML and MIDI.
 
 `sampling` draws the characters; this module builds and checks prompts, writes each piece as it
-finishes (a conversion failure is recorded for that piece and the others go on), and keeps a
-`pieces.jsonl` record per run.
+finishes (a conversion failure is recorded for that piece and the others go on), with its record
+beside it, and gathers the records of a run into `pieces.jsonl`. With several processes
+(`distributed`) each draws and writes its share of the pieces.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 from etils import epath
 
 from notagen_jax import constraint
+from notagen_jax import distributed
 from notagen_jax import metrics
 from notagen_jax import model as model_lib
 from notagen_jax import sampling
@@ -195,14 +197,34 @@ def _drop_repeats(score) -> None:
     mark.activeSite.remove(mark)
 
 
+def record_path(out_dir: epath.PathLike, index: int) -> epath.Path:
+  """Where piece `index`'s record (`Written`) is kept; written last, once its files are."""
+  return storage.path(out_dir) / f"{piece_name(index)}.json"
+
+
+def piece_name(index: int) -> str:
+  return f"piece_{index:05d}"
+
+
+def read_record(path: epath.PathLike) -> Written:
+  record = json.loads(storage.path(path).read_text())
+  return Written(**{**record, "metrics": metrics.PieceMetrics(**record["metrics"])})
+
+
 def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.PathLike, *,
              settings: sampling.Settings = sampling.Settings(), batch: int = 8, seed: int = 0,
              formats: Sequence[str] = ("xml", "mid"), progress: bool = True,
              weights_dtype: str | None = None, perplexity: bool = False,
-             header: constraint.Header | None = None,
-             on_patches: Callable[[list[sampling.Piece]], None] | None = None) -> list[Written]:
-  """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per finished piece.
+             header: constraint.Header | None = None, resume: bool = False,
+             on_patches: Callable[[list[sampling.Piece]], None] | None = None
+             ) -> list[Written]:
+  """Generates one piece per prompt into out_dir; `pieces.jsonl` gets a line per piece.
 
+  Piece i draws from fold_in(key(seed), i) wherever it is drawn: with several processes each
+  draws its share (`distributed.share`) over its local devices and writes those pieces and their
+  records; every process returns every piece once all are done, and process 0 writes
+  pieces.jsonl. With `resume`, a piece whose record exists is not drawn again (an interrupted run,
+  on any number of processes, goes on); otherwise every piece is drawn and written anew.
   `header` fixes those header lines of every piece (constrained sampling only; a prompt's own
   header must agree, see `header_conflicts`).
   `weights_dtype` ("bfloat16" or "int8") stores the weight matrices narrower for sampling (sums
@@ -213,31 +235,38 @@ def generate(model: model_lib.NotaGen, prompts: Sequence[str], out_dir: epath.Pa
   """
   out = storage.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  written: list[Written] = []
-  start = time.perf_counter()
-  (out / "pieces.jsonl").write_text("")  # a rerun's record starts over, as its pieces do
-  record = storage.JsonLines(out / "pieces.jsonl")
-  bar = _progress(len(prompts)) if progress else None
+  mine = distributed.share(len(prompts))
+  if resume:
+    mine = [i for i in mine if not record_path(out, i).exists()]
+  chars, start = 0, time.perf_counter()
+  bar = _progress(len(mine)) if progress and mine else None
 
   def on_result(result: sampling.Result):
-    item = write_piece(result, out, f"piece_{result.index:05d}", formats)
+    nonlocal chars
+    item = write_piece(result, out, piece_name(result.index), formats)
     if perplexity:
       likelihood = metrics.log_likelihood(model, result.text)
       item = dataclasses.replace(item, metrics=dataclasses.replace(item.metrics, **likelihood))
-    written.append(item)
-    record.append(dataclasses.asdict(item))
+    record_path(out, item.index).write_text(json.dumps(dataclasses.asdict(item)))
     if bar is not None:
-      chars = sum(w.chars for w in written)
+      chars += item.chars
       bar.set_postfix(chars_per_s=f"{chars / (time.perf_counter() - start):.0f}")
       bar.update(1)
 
   try:
-    sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
-    sampler.run(prompts, seed=seed, on_result=on_result, header=header, on_patches=on_patches)
+    if mine:
+      sampler = sampling.Sampler(model, settings, batch=batch, dtype=weights_dtype)
+      sampler.run([prompts[i] for i in mine], seed=seed, on_result=on_result, header=header,
+                  indices=mine, on_patches=on_patches)
   finally:
     if bar is not None:
       bar.close()
-  return sorted(written, key=lambda w: w.index)
+  distributed.barrier(f"notagen_jax:generated:{out}")
+  written = [read_record(record_path(out, i)) for i in range(len(prompts))]
+  if distributed.is_lead():
+    (out / "pieces.jsonl").write_text("".join(json.dumps(dataclasses.asdict(w)) + "\n"
+                                              for w in written))
+  return written
 
 
 def _progress(total: int):

@@ -12,6 +12,8 @@ patch, draws whole patches inside one compiled loop, and runs many pieces at onc
 its own RNG stream (a piece's draws depend on its seed and index only), its own context length and
 stop state, and a finished row takes the next waiting piece (continuous batching). Prompts waiting
 for rows are encoded together, and the weights can be read in bfloat16 (`Sampler`'s dtype).
+The rows are spread over the process's local devices, each drawing its own rows with its own copy
+of the weights (no communication): a piece's draws do not depend on the device it runs on.
 
 With `Settings(constrained=True)` each character is drawn among those `constraint` admits, so
 that every piece is well-formed (and the first body patch needs no forcing).
@@ -30,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from notagen_jax import constraint
 from notagen_jax import model as model_lib
@@ -43,6 +47,8 @@ FIRST_BODY_PREFIX = "[r:0/"
 IDLE, APPENDED, ENDED, FULL, DEAD = 0, 1, 2, 3, 4
 # Context patches prefilled in one call at most (rows x length bucket).
 PREFILL_PATCHES = 4096
+# The mesh axis a Sampler spreads its batch rows over (one device's rows are contiguous).
+ROWS = "rows"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +124,9 @@ class DecodeState:
   prefix_len: jax.Array  # [B]
   in_body: jax.Array  # [B] the tune body has started (the original's tunebody_flag)
   active: jax.Array  # [B]
-  keys: jax.Array  # [B] one RNG key per piece
+  # [B, 2] one RNG key per piece, as its raw data: a typed key array returned by a call over
+  # several devices makes the next call miss jit's fast-path cache.
+  keys: jax.Array
   step: jax.Array  # [B] patches drawn so far for the piece, folded into its key
   grammar: constraint.State  # [B] where each piece stands in the constrained grammar
 
@@ -131,7 +139,8 @@ def empty_state(cfg: model_lib.ModelConfig, batch: int, capacity: int,
       hidden=jnp.zeros((batch, cfg.hidden), cfg.dtype),
       length=jnp.zeros((batch,), jnp.int32), prefix=jnp.zeros((batch, p), jnp.int32),
       prefix_len=jnp.zeros((batch,), jnp.int32), in_body=jnp.zeros((batch,), bool),
-      active=jnp.zeros((batch,), bool), keys=jax.random.split(jax.random.key(0), batch),
+      active=jnp.zeros((batch,), bool),
+      keys=jax.random.key_data(jax.random.split(jax.random.key(0), batch)),
       step=jnp.zeros((batch,), jnp.int32),
       grammar=constraint.batch([constraint.initial()] * batch))
 
@@ -203,7 +212,7 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState, settings: Settings
   """Every active row draws one patch: (state, (patch [B, P], event [B], text_from [B]))."""
   cfg = model.cfg
   p = cfg.patch_size
-  keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
+  keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state.keys), state.step)
   cache_type = type(state.cache[0])
   chars, grammar = _draw_patch(model, state.hidden, state.prefix, state.prefix_len, keys,
                                settings, cache_type, state.grammar, header)
@@ -247,39 +256,56 @@ def _next_patch(model: model_lib.NotaGen, state: DecodeState, settings: Settings
   return state, (chars, event, text_from)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6), donate_argnums=2)
 def _generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, settings: Settings,
-              n_patches: int, header: constraint.Fixed
+              n_patches: int, header: constraint.Fixed, mesh: jax.sharding.Mesh
               ) -> tuple[DecodeState, tuple[jax.Array, jax.Array, jax.Array]]:
-  """n_patches patches for every row: patches [n, B, P], events [n, B], text_from [n, B]."""
-  model = nnx.merge(graphdef, params)
-  return jax.lax.scan(lambda s, _: _next_patch(model, s, settings, header), state, None,
-                      n_patches)
+  """n_patches patches for every row: patches [n, B, P], events [n, B], text_from [n, B].
+
+  Each device of `mesh` draws its own rows (shard_map: the CPU kernels' custom calls stay on
+  the rows they are given, where a partitioner would gather them).
+  """
+  def local(params, state, header):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.scan(lambda s, _: _next_patch(model, s, settings, header), state, None,
+                        n_patches)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(ROWS), P()),
+                       out_specs=(P(ROWS), P(None, ROWS)), check_vma=False)(params, state, header)
 
 
 @flax.struct.dataclass
 class Load:
-  """Contexts to load into rows of a DecodeState: K rows from U distinct contexts.
+  """Contexts to load into rows of a DecodeState: K rows from U distinct contexts per device.
 
-  Entries past `count` are padding, and so are contexts no row takes.
+  Every field has a leading device axis; rows are numbered within the device's rows. Entries past
+  `count` are padding, and so are contexts no row takes.
   """
-  patches: jax.Array  # [U, T, P], the first n_patches real
-  n_patches: jax.Array  # [U]
+  patches: jax.Array  # [D, U, T, P], the first n_patches real
+  n_patches: jax.Array  # [D, U]
   row: jax.Array  # [K]
   context: jax.Array  # [K] index into patches
   prefix: jax.Array  # [K, P]
   prefix_len: jax.Array  # [K]
   in_body: jax.Array  # [K]
-  key: jax.Array  # [K]
+  key: jax.Array  # [K, 2] raw key data, as DecodeState.keys (each [K...] field is [D, K...])
   step: jax.Array  # [K]
   grammar: constraint.State  # [K]
-  count: jax.Array  # [] real rows
+  count: jax.Array  # [D] real rows
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
-             load: Load) -> DecodeState:
-  """Runs the patch decoder over the contexts of `load` together and puts them in their rows."""
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, load: Load,
+             mesh: jax.sharding.Mesh) -> DecodeState:
+  """Each device runs the patch decoder over its contexts of `load` and puts them in its rows."""
+  return jax.shard_map(functools.partial(_prefill_local, graphdef), mesh=mesh,
+                       in_specs=(P(), P(ROWS), P(ROWS)), out_specs=P(ROWS),
+                       check_vma=False)(params, state, load)
+
+
+def _prefill_local(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+                   load: Load) -> DecodeState:
+  load = jax.tree.map(lambda a: a[0], load)  # this device's part
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   u, t = load.patches.shape[:2]
@@ -424,33 +450,51 @@ class Sampler:
   benchmarks/generate_throughput.py); larger batches take XLA's dot, where bfloat16 pays and int8
   is dequantized at every step: use it for batch 1 only. float32 matrices are kept in
   `cpu_kernels`' column blocks on a CPU, whose kernel is faster at every batch.
+
+  The rows are spread over `devices` (default: the process's local devices), as many of them as
+  divide `batch`, each holding the weights and `batch / n` rows.
   """
 
   def __init__(self, model: model_lib.NotaGen, settings: Settings = Settings(), batch: int = 8,
-               patches_per_call: int = 8, dtype: str | None = None):
+               patches_per_call: int = 8, dtype: str | None = None,
+               devices: Sequence[jax.Device] | None = None):
     self.cfg = model.cfg
     self.settings = settings
     self.batch = batch
     self.patches_per_call = patches_per_call
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = max(d for d in range(1, min(len(devices), batch) + 1) if batch % d == 0)
+    self.mesh = jax.sharding.Mesh(np.array(devices[:n]), (ROWS,))
+    self.rows_per_device = batch // n
     self.graphdef, params = nnx.split(model)
-    self.params, self.prefill_params, self.cache_type = layout.for_sampling(params, self.cfg,
-                                                                            dtype, batch)
+    params, prefill_params, self.cache_type = layout.for_sampling(params, self.cfg, dtype,
+                                                                  self.rows_per_device)
+    self.params, self.prefill_params = jax.device_put((params, prefill_params),
+                                                      NamedSharding(self.mesh, P()))
+    self.state_sharding = NamedSharding(self.mesh, P(ROWS))
     self.patchilizer = tokenizer.Patchilizer(patch_size=self.cfg.patch_size,
                                              patch_length=self.cfg.patch_length)
 
   def run(self, prompts: Sequence[str], seed: int = 0,
           on_result: Callable[[Result], None] | None = None,
           header: constraint.Header | None = None,
+          indices: Sequence[int] | None = None,
           on_patches: Callable[[list[Piece]], None] | None = None) -> list[Result]:
     """One piece per prompt, in order; piece i draws from the key fold_in(key(seed), i).
 
     `header` fixes header lines of every piece (constrained sampling only); the model writes the
-    others. `on_result` gets each piece as it finishes; `on_patches`, after each compiled call,
-    the pieces still being generated (their patches and text so far): progress, no draw changed.
+    others. `indices` numbers the pieces otherwise than 0, 1, ... (a process drawing its share of
+    a run's pieces): piece j is then piece indices[j], its key and Result.index. `on_result`
+    gets each piece as it finishes; `on_patches`, after each compiled call, the pieces still
+    being generated (their patches and text so far): progress, no draw changed.
     """
     if header is not None and not self.settings.constrained:
       raise ValueError("fixing header lines needs constrained sampling")
-    return _Generation(self, prompts, seed, on_result, header, on_patches).run()
+    indices = list(range(len(prompts)) if indices is None else indices)
+    if len(indices) != len(prompts) or len(set(indices)) != len(indices):
+      raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts: one distinct index "
+                       "per prompt")
+    return _Generation(self, prompts, seed, on_result, header, indices, on_patches).run()
 
 
 class _Loading(NamedTuple):
@@ -468,9 +512,11 @@ class _Generation:
 
   def __init__(self, sampler: Sampler, prompts: Sequence[str], seed: int,
                on_result: Callable[[Result], None] | None, header: constraint.Header | None,
+               indices: list[int],
                on_patches: Callable[[list[Piece]], None] | None):
     self.sampler = sampler
-    self.header = constraint.fixed(header)
+    self.indices = indices
+    self.header = jax.device_put(constraint.fixed(header), NamedSharding(sampler.mesh, P()))
     self.cfg = sampler.cfg
     self.on_result, self.on_patches = on_result, on_patches
     self.base_key = jax.random.key(seed)
@@ -482,7 +528,8 @@ class _Generation:
                          f"{self.cfg.patch_length}); shorten it")
     longest = max((len(ids) for ids, _, _ in self.encoded), default=0)
     self.capacity = _bucket(longest + sampler.patches_per_call, self.cfg.patch_length, 64)
-    self.state = empty_state(self.cfg, sampler.batch, self.capacity, sampler.cache_type)
+    self.state = self._placed(empty_state(self.cfg, sampler.batch, self.capacity,
+                                          sampler.cache_type))
     self.slots: list[Piece | None] = [None] * sampler.batch
     self.loads: list[_Loading] = []  # prefilled before the next call
     self.finished: dict[int, Result] = {}
@@ -498,11 +545,17 @@ class _Generation:
           self.slots[row] = self._new_piece(i, in_body)
           self._load(row, ids, prefix, in_body, 0, self._prompt_grammar(i))
       self._step()
-    return [self.finished[i] for i in range(len(self.prompts))]
+    return [self.finished[i] for i in self.indices]
+
+  def _placed(self, state: DecodeState) -> DecodeState:
+    """state with its rows over the sampler's devices, as the compiled calls were compiled for:
+    an update made outside them, or their own output (which XLA may call replicated on a
+    one-device mesh), would otherwise make them compile again."""
+    return jax.device_put(state, self.sampler.state_sharding)
 
   def _new_piece(self, index: int, in_body: bool) -> Piece:
     prompt = self.prompts[index]
-    piece = Piece(index, prompt, in_body, time.perf_counter())
+    piece = Piece(self.indices[index], prompt, in_body, time.perf_counter())
     if in_body:
       lines = tokenizer.text_lines(prompt)
       split = next(i for i, line in enumerate(lines) if line.startswith(("[r:", "[V:")))
@@ -554,39 +607,50 @@ class _Generation:
 
   def _prefill(self, loads: list[_Loading], length: int):
     p = self.cfg.patch_size
-    index: dict[bytes, int] = {}
-    sources = [index.setdefault(load.ids.tobytes(), len(index)) for load in loads]
-    # Rows and contexts padded to powers of two: few compiled shapes.
-    u, k = (_bucket(n, self.sampler.batch, 1) for n in (len(index), len(loads)))
-    patches = np.zeros((u, length, p), np.int32)
-    n_patches = np.zeros((u,), np.int32)
-    rows, context, prefix_len, step, pieces = (np.zeros((k,), np.int32) for _ in range(5))
-    prefix = np.zeros((k, p), np.int32)
-    in_body = np.zeros((k,), bool)
-    grammars = [load.grammar for load in loads]
-    grammars += [constraint.initial()] * (k - len(loads))
-    for j, (load, source) in enumerate(zip(loads, sources)):
-      patches[source, :len(load.ids)], n_patches[source] = load.ids, len(load.ids)
-      rows[j], context[j], step[j] = load.row, source, load.step
-      prefix[j, :len(load.prefix)], prefix_len[j] = load.prefix, len(load.prefix)
-      in_body[j], pieces[j] = load.in_body, self.slots[load.row].index
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(self.base_key, jnp.asarray(pieces))
+    rows = self.sampler.rows_per_device
+    per_device: list[list[_Loading]] = [[] for _ in range(self.sampler.mesh.size)]
+    for load in loads:
+      per_device[load.row // rows].append(load)
+    indexes: list[dict[bytes, int]] = [{} for _ in per_device]
+    sources = [[index.setdefault(load.ids.tobytes(), len(index)) for load in mine]
+               for index, mine in zip(indexes, per_device)]
+    # Rows and contexts padded to powers of two, the same on every device: few compiled shapes.
+    u = _bucket(max(map(len, indexes)), rows, 1)
+    k = _bucket(max(map(len, per_device)), rows, 1)
+    d = len(per_device)
+    patches = np.zeros((d, u, length, p), np.int32)
+    n_patches = np.zeros((d, u), np.int32)
+    local_rows, context, prefix_len, step, pieces = (np.zeros((d, k), np.int32) for _ in range(5))
+    prefix = np.zeros((d, k, p), np.int32)
+    in_body = np.zeros((d, k), bool)
+    grammars = []
+    for i, (mine, source_of) in enumerate(zip(per_device, sources)):
+      for j, (load, source) in enumerate(zip(mine, source_of)):
+        patches[i, source, :len(load.ids)], n_patches[i, source] = load.ids, len(load.ids)
+        local_rows[i, j], context[i, j], step[i, j] = load.row % rows, source, load.step
+        prefix[i, j, :len(load.prefix)], prefix_len[i, j] = load.prefix, len(load.prefix)
+        in_body[i, j], pieces[i, j] = load.in_body, self.slots[load.row].index
+      grammars.append(constraint.batch([load.grammar for load in mine] +
+                                       [constraint.initial()] * (k - len(mine))))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(self.base_key, jnp.asarray(pieces.ravel()))
     load = Load(patches=jnp.asarray(patches), n_patches=jnp.asarray(n_patches),
-                row=jnp.asarray(rows), context=jnp.asarray(context), prefix=jnp.asarray(prefix),
-                prefix_len=jnp.asarray(prefix_len), in_body=jnp.asarray(in_body), key=keys,
-                step=jnp.asarray(step), grammar=constraint.batch(grammars),
-                count=jnp.int32(len(loads)))
-    self.state = _prefill(self.sampler.graphdef, self.sampler.prefill_params, self.state, load)
+                row=jnp.asarray(local_rows), context=jnp.asarray(context),
+                prefix=jnp.asarray(prefix), prefix_len=jnp.asarray(prefix_len),
+                in_body=jnp.asarray(in_body), key=jax.random.key_data(keys).reshape(d, k, -1), step=jnp.asarray(step),
+                grammar=jax.tree.map(lambda *xs: jnp.stack(xs), *grammars),
+                count=jnp.asarray([len(mine) for mine in per_device], jnp.int32))
+    self.state = self._placed(_prefill(self.sampler.graphdef, self.sampler.prefill_params,
+                                       self.state, load, self.sampler.mesh))
 
   def _ensure_capacity(self, need: int):
     if need > self.capacity and self.capacity < self.cfg.patch_length:
       self.capacity = _bucket(need, self.cfg.patch_length, 64)
-      self.state = _grow(self.state, self.capacity)
+      self.state = self._placed(_grow(self.state, self.capacity))
 
   def _finish(self, row: int, ok: bool, reason: str = "", ended: bool = False):
     piece = self.slots[row]
     self.slots[row] = None
-    self.state = self.state.replace(active=self.state.active.at[row].set(False))
+    self.state = self._placed(self.state.replace(active=self.state.active.at[row].set(False)))
     text = piece.prompt + "".join(piece.text)
     if self.sampler.settings.constrained and not ended:
       # A piece stopped inside a line keeps its complete lines: what it wrote stays well-formed.
@@ -603,8 +667,9 @@ class _Generation:
     sampler = self.sampler
     self._prefill_loads()
     self._ensure_capacity(int(np.max(np.asarray(self.state.length))) + sampler.patches_per_call)
-    self.state, outputs = _generate(sampler.graphdef, sampler.params, self.state,
-                                    sampler.settings, sampler.patches_per_call, self.header)
+    state, outputs = _generate(sampler.graphdef, sampler.params, self.state, sampler.settings,
+                               sampler.patches_per_call, self.header, sampler.mesh)
+    self.state = self._placed(state)
     patches, events, text_from = map(np.asarray, outputs)
     settings = sampler.settings
     for row, piece in enumerate(self.slots):

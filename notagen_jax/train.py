@@ -4,8 +4,6 @@ Override any field with `--config.section.field=value`. Multi-process runs (TPU 
 explicit `--config.distributed.*`) call jax.distributed.initialize first.
 """
 
-import os
-
 import jax
 from absl import flags
 from absl import logging
@@ -13,6 +11,7 @@ from ml_collections import config_flags
 
 from notagen_jax import cli
 from notagen_jax import config as config_lib
+from notagen_jax import distributed
 from notagen_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:size].",
@@ -21,29 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and TensorBoa
 flags.mark_flags_as_required(["config"])
 
 
-def initialize_distributed(c) -> None:
-  d = c.distributed
-  if d.coordinator_address:
-    # Unset counts (0 / -1) are left to JAX, which reads them from SLURM or the TPU environment.
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes or None,
-                               process_id=d.process_id if d.process_id >= 0 else None)
-  elif d.num_processes != 0 or _launched_by_cluster():
-    jax.distributed.initialize()  # reads the TPU / SLURM / MPI environment
-
-
-def _launched_by_cluster() -> bool:
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ and (
-      len(os.environ["TPU_WORKER_HOSTNAMES"].split(",")) > 1)
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
   if _WORKDIR.value:
     config.workdir = _WORKDIR.value
   config_lib.validate(config)  # a wrong value stops the run before any work
-  initialize_distributed(config)
+  distributed.initialize(config)
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
   metrics = trainer.train_and_evaluate(config, config.workdir)

@@ -261,8 +261,11 @@ def build_setup(c: ml_collections.ConfigDict,
   if c.init_checkpoint:
     params, rest = _load_init_params(c, cfg, abstract_params)
     params = jax.device_put(params, shardings.params)
-    # On the mesh, not on this host's first device: Orbax exports only global arrays.
-    rest = jax.device_put(rest, replicated)
+    # On the mesh, not on this host's first device: Orbax exports only global arrays. Built from
+    # each host's copy: device_put of a host-local array made, with one device per process, a
+    # global array whose shard spans both processes, which Orbax could not save.
+    rest = jax.tree.map(lambda x: jax.make_array_from_callback(
+        x.shape, replicated, lambda index: np.asarray(x)[index]), rest)
     state = jax.jit(init_state, out_shardings=shardings)(params, key)
   else:
     # Sharded initialization: each device computes only its shard, no full copy anywhere.

@@ -84,8 +84,8 @@ def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, gol
   # A real chorale stands in for what the tiny random model would write (noise, not engraved).
   text = json.loads((golden_dir / "cases.json").read_text())["cases"][0]["stream_text"]
 
-  def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
-    assert self.settings.constrained and header is None
+  def run(self, prompts, seed=0, on_result=None, header=None, indices=None, on_patches=None):
+    assert self.settings.constrained and header is None and indices == [0]
     on_patches([sampling.Piece(0, "", False, 0.0, text=[text], patches=8)])
     results = [sampling.Result(0, prompts[0], text, True, "", 10, 0, 0.1)]
     on_result(results[0])

@@ -71,12 +71,12 @@ def fake_sampler(monkeypatch, prepared):
   real = [_with_markers(r["augmented"][key]) for r in records for key in ("C", "G")]
   calls = []
 
-  def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
+  def run(self, prompts, seed=0, on_result=None, header=None, indices=None, on_patches=None):
     assert self.settings.constrained and header is None
     calls.append(seed)
-    rng = random.Random(seed)
     results = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in zip(indices or range(len(prompts)), prompts):
+      rng = random.Random(seed * 1000 + i)  # each piece its own draw, as the sampler's
       body = rng.choice(real) if i % 4 else "[r:0/0]zz|\n" * 3
       result = sampling.Result(i, prompt, prompt + body, True, "", 10, 0, 0.1)
       results.append(result)
@@ -122,6 +122,46 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
   monkeypatch.setattr(dpo_loop.trainer, "train_and_evaluate", no_training)
   assert dpo_loop.run(c) == rows
   assert len(fake_sampler) == 2  # nothing sampled again
+
+
+def test_many_prompts_are_scored_against_their_own_ground_truth(prepared, tmp_path, golden_dir):
+  # A corpus of two prompts: the chorales split into two instrumentations.
+  corpus = tmp_path / "corpus"
+  for i, path in enumerate(sorted(prepared.glob("pieces/*/*.json"))):
+    record = json.loads(path.read_text())
+    record["instrumentation"] = "Choral" if i % 2 else "Organ"
+    (corpus / "pieces" / path.parent.name).mkdir(parents=True, exist_ok=True)
+    (corpus / "pieces" / path.parent.name / path.name).write_text(json.dumps(record))
+  c = _config(corpus, tmp_path / "run", golden_dir)
+  c.prompts_from_corpus = True
+  c.sample.num_pieces = 4
+  c.select.filters = ()
+  dpo_loop.validate(c)
+  combinations = dpo_loop.prompts(c)
+  assert [p[2] for p in combinations] == ["Choral", "Organ"]
+  truths = [dpo_loop.ground_truth_texts(corpus, p) for p in combinations]
+  records = [json.loads(p.read_text()) for p in sorted(prepared.glob("pieces/*/*.json"))]
+  texts = [_with_markers(r["augmented"]["C"]) for r in records[:8]]
+  embedder = symbolic.SymbolicEmbedder()
+  features = [embedder.embed(t) for t in truths]
+  out = tmp_path / "run" / "iteration_0"
+  out.mkdir(parents=True)
+  scores = dpo_loop.score(c, texts, embedder, features, out)
+  for j, prompt in enumerate(scores["prompts"]):
+    # Each prompt's four pieces against its own ground truth: one chosen, one rejected each.
+    mean = np.nanmean(features[j], axis=0)
+    expected = [_cosine(embedder.embed([abc.unreduce(t)])[0], mean) for t in texts[4 * j:4 * j + 4]]
+    np.testing.assert_allclose(prompt["scores"], expected, rtol=1e-5)
+    assert prompt["counts"]["chosen"] == prompt["counts"]["rejected"] == 1
+    assert scores["scores"][4 * j:4 * j + 4] == prompt["scores"]
+  assert [i // 4 for i in scores["chosen"]] == [0, 1] == [i // 4 for i in scores["rejected"]]
+  assert scores["counts"]["generated"] == 8 and scores["counts"]["chosen"] == 2
+  assert scores["counts"]["mean_score"] == pytest.approx(np.mean(scores["scores"]), rel=1e-6)
+  assert scores["score_se"] == pytest.approx(np.std(scores["scores"], ddof=1) / np.sqrt(8))
+  rows = dpo_loop.prompt_rows(0, combinations, scores)
+  assert [r["prompt"] for r in rows] == [" / ".join(p) for p in combinations]
+  assert all(r["aligned"] == 1.0 and r["score_se"] > 0 for r in rows)
+  assert "Baroque / Bach, Johann Sebastian / Organ" in dpo_loop.table(rows, dpo_loop.PROMPT_COLUMNS)
 
 
 @pytest.mark.parametrize("arg", ["small", "quickstart"])

@@ -136,9 +136,10 @@ import json, random, runpy, sys
 from notagen_jax import sampling
 bodies = json.loads(open(sys.argv.pop(1)).read())
 
-def run(self, prompts, seed=0, on_result=None, header=None, on_patches=None):
-  rng, results = random.Random(seed), []
-  for i, prompt in enumerate(prompts):
+def run(self, prompts, seed=0, on_result=None, header=None, indices=None, on_patches=None):
+  results = []
+  for i, prompt in zip(indices or range(len(prompts)), prompts):
+    rng = random.Random(seed * 1000 + i)
     body = rng.choice(bodies) if i % 4 else "[r:0/0]zz|\\n" * 3
     results.append(sampling.Result(i, prompt, prompt + body, True, "", 10, 0, 0.1))
     on_result(results[-1])

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -105,7 +106,9 @@ def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
     assert set(w.files) == {"abc"}
     assert w.errors == {"unreduced": "no tune body (no line contains [V:)"}
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "piece_00000.abc", "piece_00001.abc", "piece_00002.abc", "pieces.jsonl"]
+      "piece_00000.abc", "piece_00000.json", "piece_00001.abc", "piece_00001.json",
+      "piece_00002.abc", "piece_00002.json", "pieces.jsonl"]
+  assert [generation.read_record(tmp_path / f"piece_0000{i}.json") for i in range(3)] == written
   summary = generation.summary(written)
   assert {k: summary[k] for k in COUNTS} == {"pieces": 3, "complete": 3, "unreduced_share": 0.0,
                                              "musicxml_share": 0.0, "midi_share": 0.0,
@@ -113,6 +116,28 @@ def test_generate_writes_every_piece_and_a_record(golden_dir, tmp_path):
   # Noise has no bars to align; the model still scores every character after the first patch.
   assert (summary["bars"], summary["bar_alignment_error"], summary["aligned_share"]) == (0, None, 0)
   assert all(w.metrics.scored_chars > 0 for w in written) and summary["perplexity"] > 1
+
+
+def test_a_resumed_run_draws_only_the_missing_pieces_and_ends_as_an_uninterrupted_one(
+    golden_dir, tmp_path, monkeypatch):
+  model = checkpoint.load_model(golden_dir / "tiny.pth")
+  prompts = ["%Baroque\n%Bach, Johann Sebastian\n%Choral\n"] * 4
+  kwargs = dict(settings=sampling.Settings(max_patches=4), batch=2, progress=False, formats=())
+  whole = generation.generate(model, prompts, tmp_path / "whole", **kwargs)
+  # Stopped with piece 2 written (its files, then its record), as by a preempted process.
+  stopped = tmp_path / "stopped"
+  stopped.mkdir()
+  for path in (tmp_path / "whole").glob("piece_00002.*"):
+    shutil.copy(path, stopped / path.name)
+  drawn = []
+  run = sampling.Sampler.run
+  monkeypatch.setattr(sampling.Sampler, "run", lambda self, prompts, indices, **kw: (
+      drawn.extend(indices), run(self, prompts, indices=indices, **kw))[1])
+  resumed = generation.generate(model, prompts, stopped, resume=True, **kwargs)
+  assert drawn == [0, 1, 3]
+  texts = lambda written: [pathlib.Path(w.files["abc"]).read_text() for w in written]
+  assert texts(resumed) == texts(whole) and len(set(texts(whole))) == 4
+  assert (stopped / "pieces.jsonl").read_text().count("\n") == 4
 
 
 def test_summary_counts_shares_of_converted_pieces():

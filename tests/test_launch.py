@@ -529,7 +529,8 @@ def test_gpu_slurm_two_nodes_of_eight_gpus():
                  "--partition=gpu", "--output=logs/slurm/%x-%j.out"):
     assert option in sbatch
   script = sbatch.index("launch/gpu_slurm.sbatch")
-  assert sbatch[script + 1:] == ["--mode=per-gpu", "--config=configs/pretrain.py:small",
+  assert sbatch[script + 1:] == ["--mode=per-gpu", "--module=train",
+                                 "--config=configs/pretrain.py:small",
                                  "--workdir=/shared/runs/small", "--port=12355", "--python=python",
                                  "--", "--config.data.batch_size=64"]
   # The batch script's default directives, which the command line above overrides.
@@ -584,6 +585,47 @@ def test_local_dry_run_prints_one_command_per_process(tmp_path):
         f"--workdir={tmp_path}", "--config.distributed.coordinator_address=localhost:23456",
         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
         "--config.train.num_steps=3"]
+
+
+def test_every_launcher_starts_clamp_dpo_with_the_distributed_flags(tmp_path):
+  lines = _lines("local.sh", f"--workdir={tmp_path}", "--num_processes=2", "--port=23456",
+                 "--module=clamp_dpo", "--", "--config.iterations=1")
+  for i, line in enumerate(lines[2:-1]):
+    assert shlex.split(line.split(" > ")[0])[3:] == [
+        "python", "-m", "notagen_jax.clamp_dpo", "--config=configs/clamp_dpo.py:quickstart",
+        f"--workdir={tmp_path}", "--config.distributed.coordinator_address=localhost:23456",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+        "--config.iterations=1"]
+  sbatch = shlex.split(_lines("gpu_slurm.sh", "--nodes=2", "--module=clamp_dpo",
+                              "--workdir=/shared/dpo")[-1])
+  script = sbatch[sbatch.index("launch/gpu_slurm.sbatch") + 1:]
+  assert script[:3] == ["--mode=per-gpu", "--module=clamp_dpo",
+                        "--config=configs/clamp_dpo.py:small"]
+  srun = shlex.split(_lines("gpu_slurm.sbatch", *script,
+                            env=_slurm_env(SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8(x2)"))[-1])
+  assert srun[8:] == ["python", "-m", "notagen_jax.clamp_dpo",
+                      "--config=configs/clamp_dpo.py:small", "--workdir=/shared/dpo",
+                      "--config.distributed.coordinator_address=gpu-node003:12355",
+                      "--config.distributed.num_processes=16"]
+  tpu = _lines("tpu_vm.sh", *V5P[:-1], "--module=clamp_dpo", "run")
+  start, = _ssh(tpu)
+  assert "set -- " + shlex.join([
+      "python3", "-m", "notagen_jax.clamp_dpo", "--config=configs/clamp_dpo.py:small",
+      "--workdir=gs://my-bucket/runs/ng-v5p", "--config.distributed.num_processes=2"]) in start
+  assert "--module=clamp_dpo" in tpu[0]  # the launch record: resume starts clamp_dpo again
+  line = _lines("local.sh", f"--workdir={tmp_path}", "--num_processes=2", "--port=23456",
+                "--module=generate", "--", "--checkpoint=c.pth", "--num_pieces=64")[2]
+  assert shlex.split(line.split(" > ")[0])[3:] == [
+      "python", "-m", "notagen_jax.generate", f"--output={tmp_path}",
+      "--config.distributed.coordinator_address=localhost:23456",
+      "--config.distributed.num_processes=2", "--config.distributed.process_id=0",
+      "--checkpoint=c.pth", "--num_pieces=64"]
+  for script, args in (("local.sh", [f"--workdir={tmp_path}"]),
+                       ("gpu_slurm.sh", ["--workdir=/w"]), ("tpu_vm.sh", [*V5P[:-1], "run"])):
+    wrong = _run(script, "--dry-run", "--module=sample", *args, check=False)
+    assert wrong.returncode == 2 and "--module must be train, clamp_dpo or generate" in wrong.stderr
+  wrong = _run("tpu_vm.sh", "--dry-run", *V5P, "--module=clamp_dpo", "run", check=False)
+  assert wrong.returncode == 2 and "--shards_dir" in wrong.stderr
 
 
 # About 50 s of CPU time over the two processes (compile, 2 steps, eval, checkpoint, export),

@@ -143,3 +143,30 @@ def test_two_process_fsdp_dpo_equals_one_process(tmp_path, golden_dir):
       assert max(_elements(d) for d in re.findall(r"\w+\[([\d,]*)\]", entry)) >= HIDDEN ** 2
       constants = [_elements(d) for d in re.findall(r"\w+\[([\d,]*)\]\S* constant\(", text)]
       assert constants and max(constants) < HIDDEN ** 2
+
+
+@pytest.mark.slow  # about a minute: runs in CI's second pass
+def test_two_processes_of_one_device_export_the_trained_params(tmp_path, golden_dir):
+  """One device per process (a GPU each under SLURM): the exported params include the tensors
+  kept only for round trips, made global from each process's copy."""
+  pairs = _pairs(golden_dir, tmp_path / "pairs.json")
+  run, port = tmp_path / "run", _free_port()
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  flags = lambda i: [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+  two_devices = lambda cmd: [arg.replace("(1,4,1)", "(1,2,1)") for arg in cmd]
+  processes = [_start(two_devices(_cmd(run, golden_dir / "tiny.pth", pairs, flags(i))),
+                      _env("--xla_force_host_platform_device_count=1"), logs[i])
+               for i in range(2)]
+  try:
+    for process in processes:
+      process.wait(timeout=600)
+  finally:
+    for process in processes:
+      process.kill()
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log.read_text()[-3000:]
+  assert trainer.final_params_step(run / trainer.FINAL_PARAMS) == 4
+  exported = checkpoint.restore_params(run / trainer.FINAL_PARAMS).patch.unused_wte.value
+  init = checkpoint.load_model(golden_dir / "tiny.pth").patch.unused_wte.value
+  np.testing.assert_array_equal(np.asarray(exported), np.asarray(init))  # never trained

@@ -6,7 +6,6 @@ With NOTAGEN_SCREENSHOTS=docs/images the browser test saves each page's screensh
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import urllib.parse
@@ -179,7 +178,8 @@ def test_the_dpo_report_shows_each_iterations_pairs(texts, browser, tmp_path):
   workdir = tmp_path / "clamp_dpo"
   c = ml_collections.ConfigDict({"select": {"fraction": 0.5, "score_malformed": True,
                                             "filters": ["aligned", "grouped"]},
-                                 "scorer": {"max_similarity": 0.95}})
+                                 "scorer": {"max_similarity": 0.95},
+                                 "sample": {"num_pieces": len(texts) + 1}})
   embedder = symbolic.SymbolicEmbedder()
   truth = preferences.ground_truth_features(texts, embedder)
   rows = []
@@ -193,7 +193,7 @@ def test_the_dpo_report_shows_each_iterations_pairs(texts, browser, tmp_path):
                "pieces": [{"abc": w.files["abc"], "ok": w.ok, "musicxml": "xml" in w.files}
                           for w in written]}
     (out / "samples" / "samples.json").write_text(json.dumps(samples))
-    scores = dpo_loop.score(c, pieces, embedder, truth, out)
+    scores = dpo_loop.score(c, pieces, embedder, [truth], out)
     rows.append(dpo_loop.row(k, samples, scores))
   report.write_dpo_report(workdir, rows, dpo_loop.COLUMNS, embedder.name, ("aligned", "grouped"))
   sections = _open(browser, workdir / "report.html", "clamp_dpo_report.png")

@@ -217,6 +217,22 @@ def test_pieces_do_not_depend_on_batch_size(sharp_model):
   assert [r.text for r in one] == [r.text for r in four]
 
 
+@pytest.mark.parametrize("constrained", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_pieces_do_not_depend_on_the_devices(sharp_model, constrained):
+  """Rows spread over the 8 simulated devices draw what one device draws, and a share of the
+  pieces drawn under their own indices (a process's share) equals those pieces of the whole."""
+  assert jax.local_device_count() == 8
+  settings = sampling.Settings(max_chars=200, constrained=constrained)
+  one = sampling.Sampler(sharp_model, settings, batch=8, devices=jax.devices()[:1])
+  eight = sampling.Sampler(sharp_model, settings, batch=8)
+  assert eight.mesh.size == 8 and eight.rows_per_device == 1
+  expected = [r.text for r in one.run([PROMPT] * 10, seed=5)]
+  assert len(set(expected)) == 10
+  assert [r.text for r in eight.run([PROMPT] * 10, seed=5)] == expected
+  share = eight.run([PROMPT] * 3, seed=5, indices=[9, 1, 4])
+  assert [(r.index, r.text) for r in share] == [(i, expected[i]) for i in (9, 1, 4)]
+
+
 @pytest.mark.slow  # a minute or more: runs in CI's second pass
 def test_full_context_keeps_metadata_and_the_last_half_of_the_body(sharp_model, cases):
   text = cases[0]["stream_text"]
@@ -268,6 +284,6 @@ def test_first_body_patch_is_forced_to_start_at_line_zero(monkeypatch):
 
 def test_int8_weights_that_no_kernel_multiplies_are_logged(golden_dir, caplog):
   model = checkpoint.load_model(golden_dir / "tiny.pth")
-  sampling.Sampler(model, batch=8, dtype="int8")
+  sampling.Sampler(model, batch=64, dtype="int8")  # 8 rows on each of the 8 simulated devices
   assert ("int8 weights are dequantized to bfloat16 at every step" in caplog.text and
           "bfloat16 weights are faster" in caplog.text)
