@@ -102,6 +102,9 @@ _BARLINE_SYMBOLS = {"|": 1, ":": 2, "]": 3, **{str(d): 4 + d for d in range(1, 1
 _BARLINE_LEN = 4
 # Start repeats open at once (music21 expands nested repeats, and every one must close).
 MAX_REPEATS = 4
+# Zero-length elements (spaces, slurs, decorations, annotations, grace groups, inline fields) in a
+# row: the data's longest run is 37 (a madrigal's lyrics); without a bound a bar could last forever.
+MAX_MARKS = 48
 # The one-letter decorations abctoolkit skips when it times a bar.
 DECORATION_LETTERS = "TuvMPSO"
 
@@ -214,6 +217,7 @@ class State:
   left_here: jax.Array  # the left barline the current voice wrote on the first line (0: none)
   volta: jax.Array  # the ending the line's bars belong to (0: none)
   repeats: jax.Array  # start repeats not closed yet
+  marks: jax.Array  # a bar's zero-length elements since its last note
   fresh: jax.Array  # nothing of the current voice's bar written yet
   bar_where: jax.Array  # 0 after an eos, 1 inside a patch, 2 at a patch start without eos
   # A bar's content.
@@ -305,13 +309,20 @@ def _bound(s: State) -> jax.Array:
 def _fits(s: State, ticks: jax.Array) -> jax.Array:
   """Whether a note of `ticks` fits the bar (inside a tuplet group, scaled by the group)."""
   in_group = s.group_left > 0
-  # The group's last note must bring its total to a whole number of 1/64 units (`_commit`):
-  # room is needed for the group's sum rounded up to a multiple of `step`.
+  # Before the group's last note, room for the notes still to come (1/64 unit each at least) and
+  # for the total to be a whole number of 1/64 units (`_commit`): the sum rounded up to a multiple
+  # of `step`. (The last note's own lengths: `_group_can_close`.)
   step = MIN_TICKS * s.group_p.clip(1) // jnp.gcd(s.group_p.clip(1), s.group_q.clip(1))
-  total = s.group_sum + ticks
-  total = jnp.where(s.group_left == 1, (total + step - 1) // step * step, total)
-  grouped = total * s.group_q <= _bound(s) * s.group_p
+  total = s.group_sum + ticks + (s.group_left - 1).clip(0) * MIN_TICKS
+  grouped = jnp.where(
+      s.group_left > 1, (total + step - 1) // step * step * s.group_q <= _bound(s) * s.group_p,
+      _round_group(total * s.group_q // s.group_p.clip(1)) <= _bound(s))
   return jnp.where(in_group, grouped, ticks <= _bound(s))
+
+
+def _room_for_note(s: State) -> jax.Array:
+  """A note can start: some length of it fits the bar (and closes its tuplet group)."""
+  return _fits(s, MIN_TICKS) & _group_can_close(s, jnp.int32(0), jnp.int32(0), jnp.int32(T_PITCH))
 
 
 def _group_fits(s: State, p: jax.Array, q: jax.Array, r: jax.Array) -> jax.Array:
@@ -387,8 +398,8 @@ def _group_can_close(s: State, num: jax.Array, den: jax.Array, tok: jax.Array) -
   # power of two before the `/`; after it, those the digits read can still become).
   extended = num * 10 + jnp.arange(10, dtype=jnp.int32)
   nums = jnp.concatenate([jnp.where(num > 0, num, 1)[None], extended])
-  num_ok = jnp.concatenate([jnp.bool_(True)[None],
-                            (tok == T_NUM) & (extended > 0) & (extended <= MAX_NUM)])
+  num_ok = jnp.concatenate([jnp.bool_(True)[None], ((tok == T_PITCH) | (tok == T_NUM)) &
+                            (extended > 0) & (extended <= MAX_NUM)])
   dens = jnp.asarray(_POWERS)
   den_ok = jnp.select(
       [tok == T_DEN, tok == T_SLASH],
@@ -476,7 +487,8 @@ def _reset_bar(s: State, **changes) -> State:
                    tok=jnp.int32(T_IDLE), num=jnp.int32(0), den=jnp.int32(0),
                    after_note=jnp.bool_(False), need_note=jnp.bool_(False), inner=jnp.int32(0),
                    in_chord_note=jnp.bool_(False), rest=jnp.bool_(False), tied=jnp.bool_(False),
-                   group_left=jnp.int32(0), group_sum=jnp.int32(0), **changes)
+                   group_left=jnp.int32(0), group_sum=jnp.int32(0), marks=jnp.int32(0),
+                   **changes)
 
 
 def _unseen(seen: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
@@ -735,16 +747,16 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(chord & (c == ord("-")) & s.in_chord_note)
   n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
   # A chord is one note: its length follows the `]`.
-  n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & _fits(s, MIN_TICKS),
+  n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & _room_for_note(s),
          sub=S_NONE, inner=0, in_chord_note=False, tok=T_PITCH, rest=True)
   # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
   bracket = sub == S_FIELD_KEY
   # (A meter changes where a bar starts: the bar read so far keeps its bound.)
-  n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS) & ((c != ord("M")) | (s.acc == 0)),
-         fixed=c)
-  n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _fits(s, MIN_TICKS),
+  n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS) & ((c != ord("M")) | (s.acc == 0)) &
+         (s.marks < MAX_MARKS), fixed=c, marks=s.marks + 1)
+  n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _room_for_note(s),
          sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False,
-         num=cls(_ACCIDENTAL).astype(jnp.int32), fixed=c)
+         num=cls(_ACCIDENTAL).astype(jnp.int32), fixed=c, marks=0)
   # Tuplet specs: `(3`, or `(p:q:r` with single digits.
   tup = sub == S_TUPLET
   field_value = jnp.stack([s.tp, s.tq, s.tr])[s.tuplet.clip(0, 2)]
@@ -778,7 +790,9 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   left_opens = (t == 0) & (symbol > 0) & (symbol <= 2) & _may_become(symbol, s.left_code)
   n.when(((sub == S_LEFT_NEXT) | ((sub == S_NONE) & s.fresh & (s.line == 0))) & left_opens,
          sub=S_LEFT, bar_code=symbol, fresh=False)
-  free = ~n.ok & ((sub == S_NONE) | spec_done | (sub == S_PAREN) | left_done)
+  # (On the first line, a voice after one that opened with a barline opens with it too.)
+  awaits_left = (sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code > 0)
+  free = ~n.ok & ~awaits_left & ((sub == S_NONE) | spec_done | (sub == S_PAREN) | left_done)
   s = s.replace(
       sub=jnp.where(free, S_NONE, s.sub),
       group_left=jnp.where(spec_done, jnp.where(s.tuplet == 0, 3, s.tr), s.group_left),
@@ -811,23 +825,28 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   free = free & ~n.ok & commit_ok
   s = committed
   n.state = _select(free, s, n.state)
-  note_ok = free & _fits(s, MIN_TICKS)
+  note_ok = free & _room_for_note(s)
   n.when(note_ok & (cls(_PITCH) | cls(_REST)), tok=T_PITCH, rest=cls(_REST), after_note=False,
-         tied=False, fixed=0)
-  n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False)
-  n.when(free & (c == ord("[")), sub=S_FIELD_KEY, fixed=0, after_note=False)
-  n.when(free & (c == ord("(")), sub=S_PAREN, after_note=False)
-  n.when(free & (c == ord(")")))
+         tied=False, fixed=0, marks=0)
+  n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False, marks=0)
+  # (`[` opens a chord or an inline field: one of them must still be possible.)
+  mark_ok = s.marks < MAX_MARKS
+  mark = s.marks + 1
+  n.when(free & (c == ord("[")) & (mark_ok | _room_for_note(s)), sub=S_FIELD_KEY, fixed=0,
+         after_note=False)
+  n.when(free & mark_ok & (c == ord("(")), sub=S_PAREN, after_note=False, marks=mark)
+  n.when(free & mark_ok & (c == ord(")")), marks=mark)
   n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
   n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0) &
-         (s.group_p > 0) & _fits(s, MIN_TICKS),
+         (s.group_p > 0) & _room_for_note(s),
          after_note=False, need_note=True)
-  n.when(free & (c == ord(" ")), after_note=False)
-  n.when(free & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False)
-  n.when(free & (c == ord("!")), sub=S_DECO, pos=0, after_note=False)
-  n.when(free & (c == ord("{")) & ~s.need_note, sub=S_GRACE, inner=0, pos=0, num=0,
-         in_chord_note=False, after_note=False)
-  n.when(free & cls(_DECORATION), after_note=False)
+  n.when(free & mark_ok & (c == ord(" ")), after_note=False, marks=mark)
+  n.when(free & mark_ok & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False,
+         marks=mark)
+  n.when(free & mark_ok & (c == ord("!")), sub=S_DECO, pos=0, after_note=False, marks=mark)
+  n.when(free & mark_ok & (c == ord("{")) & ~s.need_note, sub=S_GRACE, inner=0, pos=0, num=0,
+         in_chord_note=False, after_note=False, marks=mark)
+  n.when(free & mark_ok & cls(_DECORATION), after_note=False, marks=mark)
   # The bar ends: an eos before the barline that opens the next voice's patch, or the barline.
   left_ok = (s.line > 0) | (s.left_code < 0) | (s.left_code == s.left_here)
   complete = free & _content_complete(s) & left_ok
