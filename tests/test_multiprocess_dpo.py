@@ -57,6 +57,18 @@ def _start(cmd, env, log):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _wait_all(processes, logs, timeout: int) -> None:
+  """Waits for every process; each one left (waiting for a peer that failed) is killed."""
+  try:
+    for process in processes:
+      process.wait(timeout=timeout)
+  finally:
+    for process in processes:
+      process.kill()
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
 def _losses(workdir):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
@@ -89,14 +101,7 @@ def test_two_process_fsdp_dpo_equals_one_process(tmp_path, golden_dir):
       _env(f"--xla_force_host_platform_device_count=2 --xla_dump_to={tmp_path}/hlo{i} "
            "--xla_dump_hlo_module_re=eval_step"), logs[i])
       for i in range(2)]
-  try:
-    for process in processes:
-      process.wait(timeout=900)
-  finally:
-    for process in processes:
-      process.kill()  # one left waiting for a peer that failed
-  for process, log in zip(processes, logs):
-    assert process.returncode == 0, log.read_text()[-3000:]
+  _wait_all(processes, logs, timeout=900)
 
   # Each step's global batch holds the same pairs in another row order: equal up to rounding of
   # ~1e4-sized log-prob sums, which beta and lambda carry into the loss.
@@ -158,14 +163,7 @@ def test_two_processes_of_one_device_export_the_trained_params(tmp_path, golden_
   processes = [_start(two_devices(_cmd(run, golden_dir / "tiny.pth", pairs, flags(i))),
                       _env("--xla_force_host_platform_device_count=1"), logs[i])
                for i in range(2)]
-  try:
-    for process in processes:
-      process.wait(timeout=600)
-  finally:
-    for process in processes:
-      process.kill()
-  for process, log in zip(processes, logs):
-    assert process.returncode == 0, log.read_text()[-3000:]
+  _wait_all(processes, logs, timeout=600)
   assert trainer.final_params_step(run / trainer.FINAL_PARAMS) == 4
   exported = checkpoint.restore_params(run / trainer.FINAL_PARAMS).patch.unused_wte.value
   init = checkpoint.load_model(golden_dir / "tiny.pth").patch.unused_wte.value
