@@ -18,12 +18,15 @@ which of the 128 characters may come next. What it admits is NotaGen's training 
   fields as nothing);
 - patches cut as the tokenizer cuts them: eos only where a bar or a line ends, the barline of a
   voice that is not the line's last opening the next patch, `\n` ending the line's last patch;
-  the piece ends with the bos-eos patch after a complete line.
+  the piece ends with the bos-eos patch after a complete line, with no ending nor start repeat
+  left open (endings and repeats as music21 unrolls them).
 
-Lengths are dyadic (`/`, `/d` and `n/d` with d up to 64, numerators up to 99) and the first
-voice's bar a whole number of 1/64 units, so the bar another voice still has to fill can be
-filled; a row left with no admissible character (possible after tuplets) is reported dead, and
-the sampler cuts its piece after its last complete line.
+Every admitted prefix can be completed: lengths are dyadic (`/`, `/d` and `n/d` with d up to 64,
+numerators up to 99), tuplet groups total a whole number of 1/64 units, each note, tuplet or
+broken rhythm starts only with room left for what it waits for, and zero-length elements come at
+most MAX_MARKS in a row, so every bar can end. A row left with no admissible character would be
+reported dead (the sampler then cuts its piece after its last complete line); the random walks of
+the tests meet none.
 
 `step` is one transition for one row and one character, written with jnp scalars so that it is
 vmapped over the 128 candidates and over rows inside the sampler's compiled loop; `advance` runs
