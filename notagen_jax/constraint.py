@@ -742,6 +742,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          sub=jnp.where(meter_end, S_NONE, S_FIELD_METER))
   n.when((sub == S_FIELD_TEXT) & (c == ord("]")) & (s.pos > 0), sub=S_NONE, pos=0)
   n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
+  room = _room_for_note(s)  # (one evaluation for the chord's `]` and a chord's first note)
   chord = sub == S_CHORD
   n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
   n.when(chord & doubled, num=2)
@@ -750,14 +751,14 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(chord & (c == ord("-")) & s.in_chord_note)
   n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
   # A chord is one note: its length follows the `]`.
-  n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & _room_for_note(s),
+  n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & room,
          sub=S_NONE, inner=0, in_chord_note=False, tok=T_PITCH, rest=True)
   # `[`: an inline field (`[K:`, `[M:`, `[Q:`, `[I:`) or a chord.
   bracket = sub == S_FIELD_KEY
   # (A meter changes where a bar starts: the bar read so far keeps its bound.)
   n.when(bracket & (s.fixed == 0) & cls(_FIELD_LETTERS) & ((c != ord("M")) | (s.acc == 0)) &
          (s.marks < MAX_MARKS), fixed=c, marks=s.marks + 1)
-  n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & _room_for_note(s),
+  n.when(bracket & (s.fixed == 0) & (cls(_PITCH) | cls(_ACCIDENTAL)) & room,
          sub=S_CHORD, inner=cls(_PITCH).astype(jnp.int32), in_chord_note=cls(_PITCH), tied=False,
          num=cls(_ACCIDENTAL).astype(jnp.int32), fixed=c, marks=0)
   # Tuplet specs: `(3`, or `(p:q:r` with single digits.
@@ -828,20 +829,21 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   free = free & ~n.ok & commit_ok
   s = committed
   n.state = _select(free, s, n.state)
-  note_ok = free & _room_for_note(s)
+  room = _room_for_note(s)  # after the pending note: for a note, a `[` and a broken rhythm
+  note_ok = free & room
   n.when(note_ok & (cls(_PITCH) | cls(_REST)), tok=T_PITCH, rest=cls(_REST), after_note=False,
          tied=False, fixed=0, marks=0)
   n.when(note_ok & cls(_ACCIDENTAL), tok=T_ACC, fixed=c, pos=1, after_note=False, marks=0)
   # (`[` opens a chord or an inline field: one of them must still be possible.)
   mark_ok = s.marks < MAX_MARKS
   mark = s.marks + 1
-  n.when(free & (c == ord("[")) & (mark_ok | _room_for_note(s)), sub=S_FIELD_KEY, fixed=0,
+  n.when(free & (c == ord("[")) & (mark_ok | room), sub=S_FIELD_KEY, fixed=0,
          after_note=False)
   n.when(free & mark_ok & (c == ord("(")), sub=S_PAREN, after_note=False, marks=mark)
   n.when(free & mark_ok & (c == ord(")")), marks=mark)
   n.when(free & (c == ord("-")) & s.after_note & ~s.tied, tied=True)
   n.when(free & ((c == ord(">")) | (c == ord("<"))) & s.after_note & (s.group_left == 0) &
-         (s.group_p > 0) & _room_for_note(s),
+         (s.group_p > 0) & room,
          after_note=False, need_note=True)
   n.when(free & mark_ok & (c == ord(" ")), after_note=False, marks=mark)
   n.when(free & mark_ok & (c == ord('"')), sub=S_QUOTE, pos=0, inner=0, after_note=False,
