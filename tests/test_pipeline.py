@@ -248,6 +248,28 @@ def test_preference_batches(tmp_path, golden_dir):
   assert seen == set(itertools.product(range(2), range(2)))
 
 
+def test_preference_batches_are_the_same_global_batches_on_any_number_of_processes(
+    tmp_path, golden_dir):
+  cases = json.loads((golden_dir / "cases.json").read_text())["cases"]
+  texts = [case["stream_text"] for case in cases]
+  (tmp_path / "pairs.json").write_text(json.dumps({"chosen": texts, "rejected": texts[:2]}))
+  # 6 pairs, 2 epochs: 12 rows, global batches of 4 then a last one of 4 (one process) ...
+  make = lambda index, count, batch: list(pipeline.preference_dataset(
+      tmp_path / "pairs.json", batch_size=batch, patch_length=64, num_epochs=2, seed=3,
+      shard_index=index, shard_count=count))
+  one = make(0, 1, 4)
+  halves = [make(0, 2, 2), make(1, 2, 2)]
+  assert len(one) == len(halves[0]) == len(halves[1]) == 3
+  for t, batch in enumerate(one):
+    for name in ("chosen", "rejected", "chosen_masks"):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][t][name], halves[1][t][name]]), batch[name])
+  # ... and over three processes of 1 row, 12 = 4 global batches of 3: the same row order.
+  thirds = [make(i, 3, 1) for i in range(3)]
+  rows = [third[t]["chosen"][0] for t in range(4) for third in thirds]
+  np.testing.assert_array_equal(np.stack(rows), np.concatenate([b["chosen"] for b in one]))
+
+
 @pytest.mark.slow  # starts worker processes: runs in CI's second pass
 def test_worker_processes_give_the_same_batches(shards_dir):
   config = dict(SMALL, seed=9)

@@ -272,8 +272,8 @@ def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
                        patch_length: int = 1024, patch_size: int = 16, seed: int = 0,
                        shuffle: bool = True, num_epochs: int | None = None,
                        ref_logps_path: epath.PathLike | None = None,
-                       shard_index: int | None = None, shard_count: int | None = None,
-                       drop_remainder: bool = True) -> grain.IterDataset:
+                       shard_index: int | None = None,
+                       shard_count: int | None = None) -> grain.IterDataset:
   """DPO batches: `chosen`, `rejected` int32 [B, patch_length, patch_size], their `*_masks`.
 
   Texts are encoded as the original's DPO step does: generated text already carries the `[r:`
@@ -293,13 +293,36 @@ def preference_dataset(pairs_path: epath.PathLike, *, batch_size: int = 1,
     for name, texts, logps in zip(("chosen", "rejected"), (chosen, rejected), ref_logps):
       if len(logps) != len(texts):
         raise ValueError(f"{ref_logps_path}: {len(logps)} {name} values for {len(texts)} texts")
-  indices = shard_indices(n_pairs, shard_index, shard_count, drop_remainder)
+  indices = grain.MapDataset.range(n_pairs)
   if shuffle:
     indices = indices.shuffle(seed=seed)
+  indices = global_batch_rows(indices.repeat(num_epochs), batch_size, shard_index, shard_count)
   transform = PairTransform([encode(t) for t in chosen], [encode(t) for t in rejected],
                             patch_length, ref_logps)
-  return batch_padded(read(indices.repeat(num_epochs).map(transform), num_threads=0,
-                           num_workers=0), batch_size)
+  return batch_padded(read(indices.map(transform), num_threads=0, num_workers=0), batch_size)
+
+
+def global_batch_rows(ds: grain.MapDataset, batch_size: int, shard_index: int | None = None,
+                      shard_count: int | None = None) -> grain.MapDataset:
+  """This process's rows of each global batch of `ds` (`batch_size` rows per process).
+
+  Global batch t is ds[t * B : (t + 1) * B] (B = batch_size x processes) whatever the number of
+  processes, so a run trains on the same batches on one process or several. A last, partial
+  global batch is split evenly: at most processes - 1 rows are dropped, none on one process.
+  """
+  index = jax.process_index() if shard_index is None else shard_index
+  count = jax.process_count() if shard_count is None else shard_count
+  width = batch_size * count
+  full, rest = divmod(len(ds), width)
+  tail = rest // count
+
+  def position(j: int) -> int:
+    batch, row = divmod(j, batch_size)
+    if batch < full:
+      return batch * width + index * batch_size + row
+    return full * width + index * tail + row
+
+  return grain.MapDataset.range(full * batch_size + tail).map(lambda j: ds[position(j)])
 
 
 def loader_throughput(shards_dir: epath.PathLike, num_batches: int = 50, warmup: int = 5,
