@@ -324,7 +324,8 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
       if len(combinations) > 1:
         (workdir / "summary_prompts.json").write_text(json.dumps(by_prompt, indent=1))
         (workdir / "summary_prompts.txt").write_text(table(by_prompt, PROMPT_COLUMNS) + "\n")
-      report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters))
+      report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters),
+                              by_prompt if len(combinations) > 1 else (), PROMPT_COLUMNS)
       print(table(rows), flush=True)
     if k < c.iterations:
       if not scores["chosen"] or not scores["rejected"]:

@@ -261,8 +261,11 @@ def iteration_html(k: int, workdir: epath.Path, applied: Sequence[str]) -> str:
 
 
 def write_dpo_report(workdir: epath.PathLike, rows: Sequence[Mapping[str, Any]],
-                     columns: Sequence[str], scorer: str, applied: Sequence[str]) -> epath.Path:
-  """WORKDIR/report.html: the summary table, the score plot, each iteration's pairs."""
+                     columns: Sequence[str], scorer: str, applied: Sequence[str],
+                     prompt_rows: Sequence[Mapping[str, Any]] = (),
+                     prompt_columns: Sequence[str] = ()) -> epath.Path:
+  """WORKDIR/report.html: the summary table, the score plot, each iteration's pairs; with several
+  prompts, their rows (`prompt_columns` of `prompt_rows`) after the summary."""
   workdir = storage.path(workdir)
   points, sections = [], []
   for r in rows:
@@ -272,9 +275,12 @@ def write_dpo_report(workdir: epath.PathLike, rows: Sequence[Mapping[str, Any]],
     if stats:
       points.append((k, *stats))
     sections.append(iteration_html(k, workdir, applied))
-  body = ["<h2>Iterations</h2>", table(columns, [[r[c] for c in columns] for r in rows]),
-          "<h2>Score</h2>", score_plot(points, f"mean score ({scorer}) ± standard error"),
-          f"<p>Chosen-set filters applied: {_e(', '.join(applied) or 'none')}.</p>", *sections]
+  body = ["<h2>Iterations</h2>", table(columns, [[r[c] for c in columns] for r in rows])]
+  if prompt_rows:
+    body += ["<h2>Per prompt</h2>",
+             table(prompt_columns, [[r[c] for c in prompt_columns] for r in prompt_rows])]
+  body += ["<h2>Score</h2>", score_plot(points, f"mean score ({scorer}) ± standard error"),
+           f"<p>Chosen-set filters applied: {_e(', '.join(applied) or 'none')}.</p>", *sections]
   path = workdir / "report.html"
   path.write_text(document(f"CLaMP-DPO: {workdir.name}", "\n".join(body)))
   return path

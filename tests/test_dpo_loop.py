@@ -124,14 +124,19 @@ def test_loop_writes_every_iteration_and_resumes(prepared, tmp_path, golden_dir,
   assert len(fake_sampler) == 2  # nothing sampled again
 
 
-def test_many_prompts_are_scored_against_their_own_ground_truth(prepared, tmp_path, golden_dir):
-  # A corpus of two prompts: the chorales split into two instrumentations.
-  corpus = tmp_path / "corpus"
+def _two_prompt_corpus(prepared, root):
+  """A corpus of two prompts: the chorales split into two instrumentations."""
+  corpus = root / "corpus"
   for i, path in enumerate(sorted(prepared.glob("pieces/*/*.json"))):
     record = json.loads(path.read_text())
     record["instrumentation"] = "Choral" if i % 2 else "Organ"
     (corpus / "pieces" / path.parent.name).mkdir(parents=True, exist_ok=True)
     (corpus / "pieces" / path.parent.name / path.name).write_text(json.dumps(record))
+  return corpus
+
+
+def test_many_prompts_are_scored_against_their_own_ground_truth(prepared, tmp_path, golden_dir):
+  corpus = _two_prompt_corpus(prepared, tmp_path)
   c = _config(corpus, tmp_path / "run", golden_dir)
   c.prompts_from_corpus = True
   c.sample.num_pieces = 4
@@ -162,6 +167,32 @@ def test_many_prompts_are_scored_against_their_own_ground_truth(prepared, tmp_pa
   assert [r["prompt"] for r in rows] == [" / ".join(p) for p in combinations]
   assert all(r["aligned"] == 1.0 and r["score_se"] > 0 for r in rows)
   assert "Baroque / Bach, Johann Sebastian / Organ" in dpo_loop.table(rows, dpo_loop.PROMPT_COLUMNS)
+
+
+@pytest.mark.slow  # about a minute (two DPO steps): runs in CI's second pass
+def test_a_loop_over_many_prompts_reports_each(prepared, tmp_path, golden_dir, fake_sampler):
+  corpus = _two_prompt_corpus(prepared, tmp_path)
+  c = _config(corpus, tmp_path / "run", golden_dir)
+  c.prompts_from_corpus = True
+  c.sample.num_pieces = 4
+  c.select.filters = ()
+  c.select.fraction = 0.34  # of each prompt's 3 scored pieces (the fake's piece 0 is broken): 1
+  rows = dpo_loop.run(c)
+  run = tmp_path / "run"
+  samples = json.loads((run / "iteration_0" / "samples" / "samples.json").read_text())["pieces"]
+  prompts = [pathlib.Path(p["abc"]).read_text().split("\n")[2] for p in samples]
+  assert prompts == ["%Choral"] * 4 + ["%Organ"] * 4  # num_pieces of each prompt, in order
+  assert [r["pieces"] for r in rows] == [8, 8]
+  by_prompt = json.loads((run / "summary_prompts.json").read_text())
+  assert [(r["iteration"], r["prompt"].split(" / ")[2]) for r in by_prompt] == [
+      (0, "Choral"), (0, "Organ"), (1, "Choral"), (1, "Organ")]
+  assert all(r["pieces"] == 4 for r in by_prompt)
+  # Pairs from both prompts, trained together.
+  pairs = json.loads((run / "iteration_0" / "preferences.json").read_text())
+  assert {t.split("\n")[2] for t in pairs["chosen"]} == {"%Choral", "%Organ"}
+  page = (run / "report.html").read_text()
+  assert "<h2>Per prompt</h2>" in page
+  assert all(r["prompt"] in page for r in by_prompt)
 
 
 @pytest.mark.parametrize("arg", ["small", "quickstart"])
