@@ -309,13 +309,23 @@ def _bound(s: State) -> jax.Array:
   return jnp.where(s.target >= 0, s.target, meter) - s.acc
 
 
+# Ticks a tuplet group (p:q of single digits) rounds its total up to a multiple of: MIN_TICKS *
+# p / gcd(p, q), as a table (jnp.gcd is a while loop).
+_GROUP_STEP = np.array([[MIN_TICKS * max(p, 1) // np.gcd(max(p, 1), max(q, 1)) for q in range(10)]
+                        for p in range(10)], np.int32)
+
+
+def _group_step(p: jax.Array, q: jax.Array) -> jax.Array:
+  return jnp.asarray(_GROUP_STEP)[p.clip(0, 9), q.clip(0, 9)]
+
+
 def _fits(s: State, ticks: jax.Array) -> jax.Array:
   """Whether a note of `ticks` fits the bar (inside a tuplet group, scaled by the group)."""
   in_group = s.group_left > 0
   # Before the group's last note, room for the notes still to come (1/64 unit each at least) and
   # for the total to be a whole number of 1/64 units (`_commit`): the sum rounded up to a multiple
   # of `step`. (The last note's own lengths: `_group_can_close`.)
-  step = MIN_TICKS * s.group_p.clip(1) // jnp.gcd(s.group_p.clip(1), s.group_q.clip(1))
+  step = _group_step(s.group_p, s.group_q)
   total = s.group_sum + ticks + (s.group_left - 1).clip(0) * MIN_TICKS
   grouped = jnp.where(
       s.group_left > 1, (total + step - 1) // step * step * s.group_q <= _bound(s) * s.group_p,
@@ -332,7 +342,7 @@ def _group_fits(s: State, p: jax.Array, q: jax.Array, r: jax.Array) -> jax.Array
   """A tuplet group `(p:q:r` of the shortest notes fits the bar, its total rounded up to a
   whole number of 1/64 units (`_commit`)."""
   p, q = p.clip(1), q.clip(1)
-  step = MIN_TICKS * p // jnp.gcd(p, q)
+  step = _group_step(p, q)
   return (r * MIN_TICKS + step - 1) // step * step * q <= _bound(s) * p
 
 
@@ -776,7 +786,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
   # The spec ends at its first other character; `(` without a digit opens a slur.
   triplet = (s.tuplet == 0) & (s.tp == 3) & _group_fits(s, s.tp, jnp.int32(2), jnp.int32(3))
-  spec_done = tup & ~n.ok & (triplet | ((s.tuplet == 2) & (s.tr > 0)))
+  spec_done = tup & (triplet | ((s.tuplet == 2) & (s.tr > 0)))
   # The first line's bars may open with a barline (`|:`), the same for every voice.
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   left = sub == S_LEFT
@@ -786,7 +796,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          (s.bar_code < 16**(_BARLINE_LEN - 1)) &
          jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
          _may_become(code, s.left_code), bar_code=code)
-  left_done = left & ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
+  left_done = left & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
       (s.left_code < 0) | (s.left_code == s.bar_code))
   # (The tokenizer cuts the bar before a left barline: an eos, then a patch opening with it.)
   n.when((sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code != 0) &
@@ -797,25 +807,35 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   # (On the first line, a voice after one that opened with a barline opens with it too.)
   awaits_left = (sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code > 0)
   free = ~n.ok & ~awaits_left & ((sub == S_NONE) | spec_done | (sub == S_PAREN) | left_done)
+  # The state a free character starts from does not depend on the character (only whether it is
+  # free does): what follows, the lengths' room above all, is computed once per state and not for
+  # each of the 128 candidates.
   s = s.replace(
-      sub=jnp.where(free, S_NONE, s.sub),
+      sub=jnp.int32(S_NONE),
       group_left=jnp.where(spec_done, jnp.where(s.tuplet == 0, 3, s.tr), s.group_left),
       group_p=jnp.where(spec_done, s.tp, s.group_p),
       group_q=jnp.where(spec_done, jnp.where(s.tuplet == 0, 2, s.tq), s.group_q),
       group_sum=jnp.where(spec_done, 0, s.group_sum), need_note=s.need_note | spec_done,
       left_here=jnp.where(left_done, s.bar_code, s.left_here),
-      bar_code=jnp.where(left_done, 0, s.bar_code), fresh=s.fresh & ~free)
+      bar_code=jnp.where(left_done, 0, s.bar_code), fresh=jnp.bool_(False))
   n.state = _select(free, s, n.state)
   # 2. The note being read takes length characters.
   reading = free & (s.tok != T_IDLE)
   fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok)) & _group_can_close(
       s, num, den, tok)
+  # (For a digit, the room each of the ten would leave, indexed by the candidate.)
+  by_digit = jnp.arange(10, dtype=jnp.int32)
+  at_digit = digit.clip(0, 9)
+  num_fits = jax.vmap(lambda d: fits_min(s.num * 10 + d, jnp.int32(0), jnp.int32(T_NUM)))(
+      by_digit)[at_digit]
+  den_fits = jax.vmap(lambda d: fits_min(
+      s.num, jnp.where(s.tok == T_SLASH, d, s.den * 10 + d), jnp.int32(T_DEN)))(by_digit)[at_digit]
   n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
   n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False, fixed=0)
   n.when(reading & octave & (s.tok == T_PITCH) & ~s.rest, fixed=c)
   num2 = s.num * 10 + digit
   n.when(reading & cls(_DIGIT) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) & (num2 > 0) &
-         (num2 <= MAX_NUM) & fits_min(num2, jnp.int32(0), jnp.int32(T_NUM)), tok=T_NUM,
+         (num2 <= MAX_NUM) & num_fits, tok=T_NUM,
          num=num2)
   n.when(reading & (c == ord("/")) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) &
          fits_min(s.num, jnp.int32(0), jnp.int32(T_SLASH)), tok=T_SLASH)
@@ -823,7 +843,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   den_prefix = (den2 == 1) | (den2 == 2) | (den2 == 3) | (den2 == 4) | (den2 == 6) | (
       den2 == 8) | (den2 == 16) | (den2 == 32) | (den2 == 64)
   n.when(reading & cls(_DIGIT) & ((s.tok == T_SLASH) | (s.tok == T_DEN)) & den_prefix &
-         fits_min(s.num, den2, jnp.int32(T_DEN)), tok=T_DEN, den=den2)
+         den_fits, tok=T_DEN, den=den2)
   # 3. Anything else first ends the note being read, then starts an element or ends the bar.
   committed, commit_ok = _commit(s)
   free = free & ~n.ok & commit_ok
