@@ -700,9 +700,10 @@ def _select(cond: jax.Array, a: State, b: State) -> State:
   return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+def _content(s: State, c: jax.Array, t: jax.Array,
+             tabulate: bool = False) -> tuple[State, jax.Array]:
   """A character of a voice's bar: open constructs first, then the note being read, then a new
-  element, the bar's end (eos or barline) included."""
+  element, the bar's end (eos or barline) included. `tabulate`: see `step`."""
   cls = lambda table: jnp.asarray(table)[c]
   digit = c - ord("0")
   n = _Next(s)
@@ -823,27 +824,28 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   reading = free & (s.tok != T_IDLE)
   fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok)) & _group_can_close(
       s, num, den, tok)
-  # (For a digit, the room each of the ten would leave, indexed by the candidate.)
-  by_digit = jnp.arange(10, dtype=jnp.int32)
-  at_digit = digit.clip(0, 9)
-  num_fits = jax.vmap(lambda d: fits_min(s.num * 10 + d, jnp.int32(0), jnp.int32(T_NUM)))(
-      by_digit)[at_digit]
-  den_fits = jax.vmap(lambda d: fits_min(
-      s.num, jnp.where(s.tok == T_SLASH, d, s.den * 10 + d), jnp.int32(T_DEN)))(by_digit)[at_digit]
+  # A digit extends the numerator before the `/` and the denominator after it: one room check.
+  numeric = (s.tok == T_PITCH) | (s.tok == T_NUM)
+  digit_fits = lambda d: fits_min(
+      jnp.where(numeric, s.num * 10 + d, s.num),
+      jnp.where(numeric, 0, jnp.where(s.tok == T_SLASH, d, s.den * 10 + d)),
+      jnp.where(numeric, T_NUM, T_DEN))
+  # (Over many candidates of one state, tabulated once for the ten digits.)
+  length_fits = (jax.vmap(digit_fits)(jnp.arange(10, dtype=jnp.int32))[digit.clip(0, 9)]
+                 if tabulate else digit_fits(digit))
   n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
   n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False, fixed=0)
   n.when(reading & octave & (s.tok == T_PITCH) & ~s.rest, fixed=c)
   num2 = s.num * 10 + digit
   n.when(reading & cls(_DIGIT) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) & (num2 > 0) &
-         (num2 <= MAX_NUM) & num_fits, tok=T_NUM,
-         num=num2)
+         (num2 <= MAX_NUM) & length_fits, tok=T_NUM, num=num2)
   n.when(reading & (c == ord("/")) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) &
          fits_min(s.num, jnp.int32(0), jnp.int32(T_SLASH)), tok=T_SLASH)
   den2 = jnp.where(s.tok == T_SLASH, digit, s.den * 10 + digit)
   den_prefix = (den2 == 1) | (den2 == 2) | (den2 == 3) | (den2 == 4) | (den2 == 6) | (
       den2 == 8) | (den2 == 16) | (den2 == 32) | (den2 == 64)
   n.when(reading & cls(_DIGIT) & ((s.tok == T_SLASH) | (s.tok == T_DEN)) & den_prefix &
-         den_fits, tok=T_DEN, den=den2)
+         length_fits, tok=T_DEN, den=den2)
   # 3. Anything else first ends the note being read, then starts an element or ends the bar.
   committed, commit_ok = _commit(s)
   free = free & ~n.ok & commit_ok
@@ -1068,14 +1070,20 @@ def _force(s: State, new: State, ok: jax.Array, c: jax.Array,
   return new.replace(forced_at=forced_at), ok
 
 
-def step(s: State, c: jax.Array, t: jax.Array,
-         header: Fixed | None = None) -> tuple[State, jax.Array]:
-  """One character c at position t of its patch: (the next state, whether c is admissible)."""
+def step(s: State, c: jax.Array, t: jax.Array, header: Fixed | None = None, *,
+         tabulate: bool = False) -> tuple[State, jax.Array]:
+  """One character c at position t of its patch: (the next state, whether c is admissible).
+
+  `tabulate` (for a step vmapped over many characters of one state, as `admissible`'s): what
+  depends on c only through its digit is computed for the ten digits, once per state, and looked
+  up; otherwise for c alone.
+  """
   # A patch that starts after a line's `\n` starts the next line.
   line_start = jnp.where(s.line > 0, B_LINE, H_LINE)
   s = s.replace(ctx=jnp.where((s.ctx == EOL) & (t == 0), line_start, s.ctx))
   handlers = sorted(set(_HANDLERS.values()), key=lambda f: f.__name__)
-  outcomes = [handler(s, c, t) for handler in handlers]
+  outcomes = [_content(s, c, t, tabulate) if handler is _content else handler(s, c, t)
+              for handler in handlers]
   which = jnp.asarray(np.array([handlers.index(_HANDLERS[ctx]) for ctx in range(len(_HANDLERS))],
                                np.int32))[s.ctx]
   state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
@@ -1095,7 +1103,8 @@ def admissible(states: State, t: jax.Array,
   """For a batch of states [B] at patch position t: every character's next state [B, V] and
   whether it is admissible [B, V]."""
   chars = jnp.arange(VOCAB, dtype=jnp.int32)
-  per_row = lambda s: jax.vmap(step, (None, 0, None, None))(s, chars, t, header)
+  per_row = lambda s: jax.vmap(functools.partial(step, tabulate=True), (None, 0, None, None))(
+      s, chars, t, header)
   return jax.vmap(per_row)(states)
 
 
