@@ -280,8 +280,11 @@ def _note_ticks(num: jax.Array, den: jax.Array) -> jax.Array:
 
 def _round_group(total: jax.Array) -> jax.Array:
   """abctoolkit's rounding of a tuplet group: to the nearest unit when within 1/64 of it."""
-  nearest = ((total + TICKS // 2) // TICKS) * TICKS
-  return jnp.where(jnp.abs(total - nearest) <= MIN_TICKS, nearest, total)
+  # (One remainder by a constant, without jnp's general floor-mod: this runs for every length.)
+  below = jax.lax.rem(total, TICKS)
+  below = jnp.where(below < 0, below + TICKS, below)
+  return jnp.where(below <= MIN_TICKS, total - below,
+                   jnp.where(below >= TICKS - MIN_TICKS, total - below + TICKS, total))
 
 
 class _Next:
@@ -418,9 +421,12 @@ def _group_can_close(s: State, num: jax.Array, den: jax.Array, tok: jax.Array) -
       [tok == T_DEN, tok == T_SLASH],
       [(dens == den) | ((den == 1) & (dens == 16)) | ((den == 3) & (dens == 32)) |
        ((den == 6) & (dens == 64)), dens > 1], jnp.ones_like(dens, bool))
-  total = s.group_sum + nums[:, None] * (TICKS // dens)[None, :]
-  scaled = _round_group(total * s.group_q // s.group_p.clip(1))
-  fits = (scaled % MIN_TICKS == 0) & (scaled <= _bound(s))
+  # Each length is a whole number of 1/64 units, so a multiple of p ticks: the scaled total is
+  # the sum's so far plus each length's, with no division per length.
+  p = s.group_p.clip(1)
+  scaled = _round_group(s.group_sum * s.group_q // p +
+                        nums[:, None] * ((TICKS // dens) * s.group_q // p)[None, :])
+  fits = (jax.lax.rem(scaled, MIN_TICKS) == 0) & (scaled <= _bound(s))
   return (s.group_left != 1) | jnp.any(num_ok[:, None] & den_ok[None, :] & fits)
 
 
