@@ -280,8 +280,11 @@ def _note_ticks(num: jax.Array, den: jax.Array) -> jax.Array:
 
 def _round_group(total: jax.Array) -> jax.Array:
   """abctoolkit's rounding of a tuplet group: to the nearest unit when within 1/64 of it."""
-  nearest = ((total + TICKS // 2) // TICKS) * TICKS
-  return jnp.where(jnp.abs(total - nearest) <= MIN_TICKS, nearest, total)
+  # (One remainder by a constant, without jnp's general floor-mod: this runs for every length.)
+  below = jax.lax.rem(total, TICKS)
+  below = jnp.where(below < 0, below + TICKS, below)
+  return jnp.where(below <= MIN_TICKS, total - below,
+                   jnp.where(below >= TICKS - MIN_TICKS, total - below + TICKS, total))
 
 
 class _Next:
@@ -309,13 +312,23 @@ def _bound(s: State) -> jax.Array:
   return jnp.where(s.target >= 0, s.target, meter) - s.acc
 
 
+# Ticks a tuplet group (p:q of single digits) rounds its total up to a multiple of: MIN_TICKS *
+# p / gcd(p, q), as a table (jnp.gcd is a while loop).
+_GROUP_STEP = np.array([[MIN_TICKS * max(p, 1) // np.gcd(max(p, 1), max(q, 1)) for q in range(10)]
+                        for p in range(10)], np.int32)
+
+
+def _group_step(p: jax.Array, q: jax.Array) -> jax.Array:
+  return jnp.asarray(_GROUP_STEP)[p.clip(0, 9), q.clip(0, 9)]
+
+
 def _fits(s: State, ticks: jax.Array) -> jax.Array:
   """Whether a note of `ticks` fits the bar (inside a tuplet group, scaled by the group)."""
   in_group = s.group_left > 0
   # Before the group's last note, room for the notes still to come (1/64 unit each at least) and
   # for the total to be a whole number of 1/64 units (`_commit`): the sum rounded up to a multiple
   # of `step`. (The last note's own lengths: `_group_can_close`.)
-  step = MIN_TICKS * s.group_p.clip(1) // jnp.gcd(s.group_p.clip(1), s.group_q.clip(1))
+  step = _group_step(s.group_p, s.group_q)
   total = s.group_sum + ticks + (s.group_left - 1).clip(0) * MIN_TICKS
   grouped = jnp.where(
       s.group_left > 1, (total + step - 1) // step * step * s.group_q <= _bound(s) * s.group_p,
@@ -332,7 +345,7 @@ def _group_fits(s: State, p: jax.Array, q: jax.Array, r: jax.Array) -> jax.Array
   """A tuplet group `(p:q:r` of the shortest notes fits the bar, its total rounded up to a
   whole number of 1/64 units (`_commit`)."""
   p, q = p.clip(1), q.clip(1)
-  step = MIN_TICKS * p // jnp.gcd(p, q)
+  step = _group_step(p, q)
   return (r * MIN_TICKS + step - 1) // step * step * q <= _bound(s) * p
 
 
@@ -408,9 +421,12 @@ def _group_can_close(s: State, num: jax.Array, den: jax.Array, tok: jax.Array) -
       [tok == T_DEN, tok == T_SLASH],
       [(dens == den) | ((den == 1) & (dens == 16)) | ((den == 3) & (dens == 32)) |
        ((den == 6) & (dens == 64)), dens > 1], jnp.ones_like(dens, bool))
-  total = s.group_sum + nums[:, None] * (TICKS // dens)[None, :]
-  scaled = _round_group(total * s.group_q // s.group_p.clip(1))
-  fits = (scaled % MIN_TICKS == 0) & (scaled <= _bound(s))
+  # Each length is a whole number of 1/64 units, so a multiple of p ticks: the scaled total is
+  # the sum's so far plus each length's, with no division per length.
+  p = s.group_p.clip(1)
+  scaled = _round_group(s.group_sum * s.group_q // p +
+                        nums[:, None] * ((TICKS // dens) * s.group_q // p)[None, :])
+  fits = (jax.lax.rem(scaled, MIN_TICKS) == 0) & (scaled <= _bound(s))
   return (s.group_left != 1) | jnp.any(num_ok[:, None] & den_ok[None, :] & fits)
 
 
@@ -690,9 +706,10 @@ def _select(cond: jax.Array, a: State, b: State) -> State:
   return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
+def _content(s: State, c: jax.Array, t: jax.Array,
+             tabulate: bool = False) -> tuple[State, jax.Array]:
   """A character of a voice's bar: open constructs first, then the note being read, then a new
-  element, the bar's end (eos or barline) included."""
+  element, the bar's end (eos or barline) included. `tabulate`: see `step`."""
   cls = lambda table: jnp.asarray(table)[c]
   digit = c - ord("0")
   n = _Next(s)
@@ -776,7 +793,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          sub=S_TUPLET, tuplet=0, tp=digit, tq=0, tr=0)
   # The spec ends at its first other character; `(` without a digit opens a slur.
   triplet = (s.tuplet == 0) & (s.tp == 3) & _group_fits(s, s.tp, jnp.int32(2), jnp.int32(3))
-  spec_done = tup & ~n.ok & (triplet | ((s.tuplet == 2) & (s.tr > 0)))
+  spec_done = tup & (triplet | ((s.tuplet == 2) & (s.tr > 0)))
   # The first line's bars may open with a barline (`|:`), the same for every voice.
   symbol = jnp.asarray(_BAR_SYMBOL)[c]
   left = sub == S_LEFT
@@ -786,7 +803,7 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
          (s.bar_code < 16**(_BARLINE_LEN - 1)) &
          jnp.asarray(_BAR_PREFIX)[code.clip(0, 16**_BARLINE_LEN - 1)] &
          _may_become(code, s.left_code), bar_code=code)
-  left_done = left & ~n.ok & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
+  left_done = left & jnp.asarray(_BAR_COMPLETE)[s.bar_code] & (
       (s.left_code < 0) | (s.left_code == s.bar_code))
   # (The tokenizer cuts the bar before a left barline: an eos, then a patch opening with it.)
   n.when((sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code != 0) &
@@ -797,33 +814,44 @@ def _content(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   # (On the first line, a voice after one that opened with a barline opens with it too.)
   awaits_left = (sub == S_NONE) & s.fresh & (s.line == 0) & (s.left_code > 0)
   free = ~n.ok & ~awaits_left & ((sub == S_NONE) | spec_done | (sub == S_PAREN) | left_done)
+  # The state a free character starts from does not depend on the character (only whether it is
+  # free does): what follows, the lengths' room above all, is computed once per state and not for
+  # each of the 128 candidates.
   s = s.replace(
-      sub=jnp.where(free, S_NONE, s.sub),
+      sub=jnp.int32(S_NONE),
       group_left=jnp.where(spec_done, jnp.where(s.tuplet == 0, 3, s.tr), s.group_left),
       group_p=jnp.where(spec_done, s.tp, s.group_p),
       group_q=jnp.where(spec_done, jnp.where(s.tuplet == 0, 2, s.tq), s.group_q),
       group_sum=jnp.where(spec_done, 0, s.group_sum), need_note=s.need_note | spec_done,
       left_here=jnp.where(left_done, s.bar_code, s.left_here),
-      bar_code=jnp.where(left_done, 0, s.bar_code), fresh=s.fresh & ~free)
+      bar_code=jnp.where(left_done, 0, s.bar_code), fresh=jnp.bool_(False))
   n.state = _select(free, s, n.state)
   # 2. The note being read takes length characters.
   reading = free & (s.tok != T_IDLE)
   fits_min = lambda num, den, tok: _fits(s, _min_ticks(num, den, tok)) & _group_can_close(
       s, num, den, tok)
+  # A digit extends the numerator before the `/` and the denominator after it: one room check.
+  numeric = (s.tok == T_PITCH) | (s.tok == T_NUM)
+  digit_fits = lambda d: fits_min(
+      jnp.where(numeric, s.num * 10 + d, s.num),
+      jnp.where(numeric, 0, jnp.where(s.tok == T_SLASH, d, s.den * 10 + d)),
+      jnp.where(numeric, T_NUM, T_DEN))
+  # (Over many candidates of one state, tabulated once for the ten digits.)
+  length_fits = (jax.vmap(digit_fits)(jnp.arange(10, dtype=jnp.int32))[digit.clip(0, 9)]
+                 if tabulate else digit_fits(digit))
   n.when(reading & (s.tok == T_ACC) & (c == s.fixed) & (s.pos == 1) & (c != ord("=")), pos=2)
   n.when(reading & (s.tok == T_ACC) & cls(_PITCH), tok=T_PITCH, rest=False, fixed=0)
   n.when(reading & octave & (s.tok == T_PITCH) & ~s.rest, fixed=c)
   num2 = s.num * 10 + digit
   n.when(reading & cls(_DIGIT) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) & (num2 > 0) &
-         (num2 <= MAX_NUM) & fits_min(num2, jnp.int32(0), jnp.int32(T_NUM)), tok=T_NUM,
-         num=num2)
+         (num2 <= MAX_NUM) & length_fits, tok=T_NUM, num=num2)
   n.when(reading & (c == ord("/")) & ((s.tok == T_PITCH) | (s.tok == T_NUM)) &
          fits_min(s.num, jnp.int32(0), jnp.int32(T_SLASH)), tok=T_SLASH)
   den2 = jnp.where(s.tok == T_SLASH, digit, s.den * 10 + digit)
   den_prefix = (den2 == 1) | (den2 == 2) | (den2 == 3) | (den2 == 4) | (den2 == 6) | (
       den2 == 8) | (den2 == 16) | (den2 == 32) | (den2 == 64)
   n.when(reading & cls(_DIGIT) & ((s.tok == T_SLASH) | (s.tok == T_DEN)) & den_prefix &
-         fits_min(s.num, den2, jnp.int32(T_DEN)), tok=T_DEN, den=den2)
+         length_fits, tok=T_DEN, den=den2)
   # 3. Anything else first ends the note being read, then starts an element or ends the bar.
   committed, commit_ok = _commit(s)
   free = free & ~n.ok & commit_ok
@@ -1048,14 +1076,20 @@ def _force(s: State, new: State, ok: jax.Array, c: jax.Array,
   return new.replace(forced_at=forced_at), ok
 
 
-def step(s: State, c: jax.Array, t: jax.Array,
-         header: Fixed | None = None) -> tuple[State, jax.Array]:
-  """One character c at position t of its patch: (the next state, whether c is admissible)."""
+def step(s: State, c: jax.Array, t: jax.Array, header: Fixed | None = None, *,
+         tabulate: bool = False) -> tuple[State, jax.Array]:
+  """One character c at position t of its patch: (the next state, whether c is admissible).
+
+  `tabulate` (for a step vmapped over many characters of one state, as `admissible`'s): what
+  depends on c only through its digit is computed for the ten digits, once per state, and looked
+  up; otherwise for c alone.
+  """
   # A patch that starts after a line's `\n` starts the next line.
   line_start = jnp.where(s.line > 0, B_LINE, H_LINE)
   s = s.replace(ctx=jnp.where((s.ctx == EOL) & (t == 0), line_start, s.ctx))
   handlers = sorted(set(_HANDLERS.values()), key=lambda f: f.__name__)
-  outcomes = [handler(s, c, t) for handler in handlers]
+  outcomes = [_content(s, c, t, tabulate) if handler is _content else handler(s, c, t)
+              for handler in handlers]
   which = jnp.asarray(np.array([handlers.index(_HANDLERS[ctx]) for ctx in range(len(_HANDLERS))],
                                np.int32))[s.ctx]
   state = jax.tree.map(lambda *xs: jnp.stack(xs)[which], *[o[0] for o in outcomes])
@@ -1075,7 +1109,8 @@ def admissible(states: State, t: jax.Array,
   """For a batch of states [B] at patch position t: every character's next state [B, V] and
   whether it is admissible [B, V]."""
   chars = jnp.arange(VOCAB, dtype=jnp.int32)
-  per_row = lambda s: jax.vmap(step, (None, 0, None, None))(s, chars, t, header)
+  per_row = lambda s: jax.vmap(functools.partial(step, tabulate=True), (None, 0, None, None))(
+      s, chars, t, header)
   return jax.vmap(per_row)(states)
 
 
