@@ -93,7 +93,7 @@ def test_loglik_scores_what_it_can_read_as_prepare_reads_it(golden_dir, tmp_path
 def test_continue_from_reads_the_file_as_prepare_does(golden_dir, tmp_path):
   tunes = tmp_path / "tunes.abc"
   tunes.write_text(TWO_TUNES)
-  # One row: the default batch of 8 would compile the sampler for eight devices (a minute more).
+  # One row, as the demo draws: one compiled sampler serves this test and the demo's.
   common = [f"--checkpoint={golden_dir / 'tiny.pth'}", f"--output={tmp_path / 'out'}",
             "--num_pieces=1", "--batch=1", "--max_patches=1", "--formats="]
   assert_error(run("generate", *common, f"--continue_from={tunes}"), "generate",
