@@ -1,12 +1,21 @@
 """Test-wide setup: 8 simulated CPU devices for sharding tests, the golden data, a real corpus and a
 headless browser."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole run: the xdist workers and the entry points the tests
+# start inherit it from the first process, so a program compiled once (the constrained sampler
+# above all, a minute each) is read back by every other test that lowers the same program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="notagen-jax-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

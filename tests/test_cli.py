@@ -88,11 +88,14 @@ def test_loglik_scores_what_it_can_read_as_prepare_reads_it(golden_dir, tmp_path
                "nothing scored: no file could be read")
 
 
+# With the demo's tests: one worker, so that the constrained sampler for one row is compiled once.
+@pytest.mark.xdist_group("constrained_batch_1")
 def test_continue_from_reads_the_file_as_prepare_does(golden_dir, tmp_path):
   tunes = tmp_path / "tunes.abc"
   tunes.write_text(TWO_TUNES)
+  # One row, as the demo draws: one compiled sampler serves this test and the demo's.
   common = [f"--checkpoint={golden_dir / 'tiny.pth'}", f"--output={tmp_path / 'out'}",
-            "--num_pieces=1", "--max_patches=1", "--formats="]
+            "--num_pieces=1", "--batch=1", "--max_patches=1", "--formats="]
   assert_error(run("generate", *common, f"--continue_from={tunes}"), "generate",
                f"{tunes} holds 2 tunes: choose one with --tune (1 to 2)")
   result = run("generate", *common, f"--continue_from={tunes}", "--tune=2")

@@ -176,12 +176,14 @@ def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
   return [text[:text.rfind("\n") + 1] for text in texts]
 
 
-@hypothesis.settings(max_examples=2, deadline=None,
+# One example of 48 walks rather than two of 24: as many walks in half the steps (a step costs
+# about the same whatever its rows).
+@hypothesis.settings(max_examples=1, deadline=None,
                      phases=(hypothesis.Phase.explicit, hypothesis.Phase.generate))
 @hypothesis.given(seed=st.integers(0, 2**31 - 1))
 def test_random_walks_through_the_automaton_are_well_formed(seed):
-  texts = [text for text in _random_walks(seed, rows=24) if "[r:" in text]
-  assert len(texts) >= 12  # most walks write a body line (the rest stop in a long header)
+  texts = [text for text in _random_walks(seed, rows=48) if "[r:" in text]
+  assert len(texts) >= 24  # most walks write a body line (the rest stop in a long header)
   for text in texts:
     _check_well_formed(text)
 

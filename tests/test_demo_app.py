@@ -102,6 +102,9 @@ def test_a_generated_piece_is_engraved_played_and_downloadable(browser, url, gol
   assert "engraved: 2 pages" in log
 
 
+# The demo draws one row at a time: its tests (and test_cli's continuation) share one worker, where
+# the constrained sampler compiled for the first is read back from the run's compilation cache.
+@pytest.mark.xdist_group("constrained_batch_1")
 def test_the_tiny_model_continues_an_uploaded_score(browser, url):
   score = corpus.music21_corpus_root() / "bach" / "bwv1.6.mxl"
   section = _generate(browser, url, BACH, upload=score, bars=2, max_patches=2)
@@ -112,6 +115,7 @@ def test_the_tiny_model_continues_an_uploaded_score(browser, url):
   assert _notes(browser, section) or section.find_element(By.CLASS_NAME, "reason").text
 
 
+@pytest.mark.xdist_group("constrained_batch_1")
 def test_the_meter_and_key_fields_fix_the_header(browser, url, tiny):
   section = _generate(browser, url, BACH, meter="3/4", key="Eb", seed=3, max_patches=16)
   log = browser.find_element(By.ID, "log").text

@@ -156,6 +156,10 @@ def test_summary_counts_shares_of_converted_pieces():
                                              "musicxml_share": 0.0, "midi_share": 0.0, "chars": 0}
 
 
+# The entry point's tests draw with the same compiled sampler (two rows, bfloat16 weights; how many
+# patches is the host's business): one worker runs them in turn, the second reads it back from
+# the run's compilation cache (conftest.py).
+@pytest.mark.xdist_group("constrained_batch_2_bfloat16")
 def test_generate_entry_point(golden_dir, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
@@ -174,12 +178,14 @@ def _header_lines(text):
   return lines[:body] if body >= 0 else lines
 
 
+@pytest.mark.xdist_group("constrained_batch_2_bfloat16")
 def test_generate_fixes_the_header_lines_it_is_given(golden_dir, tmp_path):
   subprocess.run(
       [sys.executable, "-m", "notagen_jax.generate", f"--checkpoint={golden_dir / 'tiny.pth'}",
        f"--output={tmp_path}", "--period=Baroque", "--composer=Bach, Johann Sebastian",
        "--instrumentation=Choral", "--num_pieces=2", "--batch=2", "--max_patches=16",
-       "--formats=", "--noperplexity", "--seed=3", "--meter=3/4", "--key=Eb", "--voices=2"],
+       "--formats=", "--noperplexity", "--seed=3", "--meter=3/4", "--key=Eb", "--voices=2",
+       "--weights_dtype=bfloat16"],
       cwd=REPO, capture_output=True, text=True, check=True)
   pieces = sorted(tmp_path.glob("piece_?????.abc"))  # as generated (raw)
   assert len(pieces) == 2
