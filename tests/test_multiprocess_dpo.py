@@ -103,8 +103,9 @@ def test_two_process_fsdp_dpo_equals_one_process(tmp_path, golden_dir):
       for i in range(2)]
   _wait_all(processes, logs, timeout=900)
 
-  # Each step's global batch holds the same pairs in another row order: equal up to rounding of
-  # ~1e4-sized log-prob sums, which beta and lambda carry into the loss.
+  # Each step's global batch holds the same pairs, each process its rows of it: equal up to the
+  # rounding of ~1e4-sized log-prob sums reduced across processes, which beta and lambda carry
+  # into the loss.
   expected, got = _losses(one), _losses(two)
   assert sorted(got) == [1, 2, 3, 4]
   for step in got:
