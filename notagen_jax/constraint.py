@@ -18,8 +18,9 @@ which of the 128 characters may come next. What it admits is NotaGen's training 
   fields as nothing);
 - patches cut as the tokenizer cuts them: eos only where a bar or a line ends, the barline of a
   voice that is not the line's last opening the next patch, `\n` ending the line's last patch;
-  the piece ends with the bos-eos patch after a complete line, with no ending nor start repeat
-  left open (endings and repeats as music21 unrolls them).
+  the piece ends with the bos-eos patch after a complete line, with no ending left open (endings
+  as music21 unrolls them); a start repeat may stay open, as the data's reels and airs leave
+  their last strain's.
 
 Every admitted prefix can be completed: lengths are dyadic (`/`, `/d` and `n/d` with d up to 64,
 numerators up to 99), tuplet groups total a whole number of 1/64 units, each note, tuplet or
@@ -103,7 +104,7 @@ MAX_KEY = 12
 _BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", "||:", ":|]")
 _BARLINE_SYMBOLS = {"|": 1, ":": 2, "]": 3, **{str(d): 4 + d for d in range(1, 10)}}
 _BARLINE_LEN = 4
-# Start repeats open at once (music21 expands nested repeats, and every one must close).
+# Start repeats open at once (music21 expands nested repeats).
 MAX_REPEATS = 4
 # Zero-length elements (spaces, slurs, decorations, annotations, grace groups, inline fields) in a
 # row: the data's longest run is 37 (a madrigal's lyrics); without a bound a bar could last forever.
@@ -668,7 +669,7 @@ def _body_start(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]
   del t
   n = _Next(s)
   n.when(c == ord("["), ctx=B_FIXED, fixed=F_MARKER, pos=1)
-  n.when((c == tokenizer.BOS) & (s.line > 0) & (s.volta == 0) & (s.repeats == 0), ctx=END)
+  n.when((c == tokenizer.BOS) & (s.line > 0) & (s.volta == 0), ctx=END)
   return n.state, n.ok
 
 
