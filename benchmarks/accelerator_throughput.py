@@ -18,7 +18,8 @@ step that compiles (its time reported as `compile_s`), `--steps` steps are timed
 the last loss on the host. `tflops_per_device` and `mfu` are what `train_and_evaluate` logs
 (`trainer.step_flops`: 3x the forward matmul FLOPs of the real patches; MFU against
 `trainer.PEAK_FLOPS` for the device kind); `mfu_measured` divides by the best bfloat16 matmul rate
-measured here first (`peak` row: 8192^3 products, float32 sums), the ceiling this chip reaches.
+measured here first (`peak` row: `generate_throughput.peak_meter`'s best of 10 8192^3
+products, float32 sums), the ceiling this chip reaches.
 
 Sample rows `SIZE:WEIGHTS:BATCH:free|constrained`: `sampling.Sampler` over a randomly initialized
 model of SIZE (compute dtype bfloat16 for bfloat16/int8 weights, else float32) with `dtype=WEIGHTS`
@@ -38,9 +39,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+import generate_throughput  # benchmarks/generate_throughput.py
 import machine  # benchmarks/machine.py
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -60,20 +61,6 @@ def _emit(row: dict, out: pathlib.Path | None) -> None:
   if out is not None:
     with out.open("a") as f:
       f.write(line + "\n")
-
-
-def peak_bf16(size: int = 8192, repeats: int = 10) -> float:
-  """The best bfloat16 matmul FLOP/s of one device (float32 sums, as the model's)."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
-  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
 
 
 def _train_batch(setup: trainer.Setup, rows: int, rng: np.random.Generator) -> dict:
@@ -159,7 +146,8 @@ def main() -> None:
   _emit({"row": "machine", "host": machine.describe(), "device": device.device_kind,
          "platform": device.platform, "local_devices": jax.local_device_count(),
          "jax": jax.__version__}, args.out)
-  peak = peak_bf16() if device.platform != "cpu" else None
+  peak = (generate_throughput.peak_meter("bfloat16", shapes=((8192, 8192, 8192),))(repeats=10)
+          if device.platform != "cpu" else None)
   _emit({"row": "peak", "bf16_tflops": round(peak / 1e12, 1) if peak else None}, args.out)
   rows = [(spec, lambda spec: train_row(spec, args.steps, peak))
           for spec in filter(None, args.train.split(","))]

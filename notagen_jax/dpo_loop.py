@@ -321,11 +321,12 @@ def run(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     by_prompt += prompt_rows(k, combinations, scores)
     if lead:
       _write_summary(workdir, rows, embedder.name)
-      if len(combinations) > 1:
+      shown_prompts = by_prompt if len(combinations) > 1 else []
+      if shown_prompts:
         (workdir / "summary_prompts.json").write_text(json.dumps(by_prompt, indent=1))
         (workdir / "summary_prompts.txt").write_text(table(by_prompt, PROMPT_COLUMNS) + "\n")
       report.write_dpo_report(workdir, rows, COLUMNS, embedder.name, tuple(c.select.filters),
-                              by_prompt if len(combinations) > 1 else (), PROMPT_COLUMNS)
+                              shown_prompts, PROMPT_COLUMNS)
       print(table(rows), flush=True)
     if k < c.iterations:
       if not scores["chosen"] or not scores["rejected"]:
