@@ -97,9 +97,11 @@ def test_two_process_fsdp_dpo_equals_one_process(tmp_path, golden_dir):
       _cmd(two, init, pairs, [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                               "--config.distributed.num_processes=2",
                               f"--config.distributed.process_id={i}"]),
-      # Each process dumps the HLO of its eval step, which the reference pass runs.
-      _env(f"--xla_force_host_platform_device_count=2 --xla_dump_to={tmp_path}/hlo{i} "
-           "--xla_dump_hlo_module_re=eval_step"), logs[i])
+      # Each process dumps the HLO of its eval step, which the reference pass runs; compiled
+      # afresh, as a hit in the run's compilation cache (an earlier test's) dumps nothing.
+      {**_env(f"--xla_force_host_platform_device_count=2 --xla_dump_to={tmp_path}/hlo{i} "
+              "--xla_dump_hlo_module_re=eval_step"), "JAX_ENABLE_COMPILATION_CACHE": "false"},
+      logs[i])
       for i in range(2)]
   _wait_all(processes, logs, timeout=900)
 
