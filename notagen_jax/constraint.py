@@ -914,9 +914,9 @@ def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   repeat_closes = _leading_symbol(s.bar_code) == _BARLINE_SYMBOLS[":"]
   ending_ok = jnp.where(s.volta == 0, (ending == 1) & _goes_on(s.bar_code),
                         (ending == s.volta + 1) & repeat_closes)
-  # abctoolkit cannot split a voice that opens with a barline and ends with a volta number (and
-  # any complete line may be the last).
-  volta_ok = (ending < 1) | ((s.left_code <= 0) & ending_ok)
+  # abctoolkit cannot split a voice that opens with a barline (only the first line's may) and ends
+  # with a volta number.
+  volta_ok = (ending < 1) | (((s.line > 0) | (s.left_code <= 0)) & ending_ok)
   # (A first ending goes on past a plain or double barline, or ends on a closing repeat.)
   first_ok = (s.volta != 1) | (ending >= 1) | _goes_on(code) | (
       _leading_symbol(code) == _BARLINE_SYMBOLS[":"])

@@ -73,6 +73,14 @@ def test_endings_spaces_and_score_groups_are_read_as_music21_and_the_data_have_t
       "[r:2/1][V:1]d6|[V:2]E6|[V:3]z6|\n"
       "[r:3/0][V:1]e6|][V:2]E6|][V:3]z6|]\n")
   assert rejection(good, ended=True) is None
+  # Endings after a first line that opens with a start repeat (only the first line's voices may
+  # open with a barline, and only a voice that does may not end with a volta number).
+  opened = PROMPT + header + "[r:0/4][V:1]|:B6|[V:2]|:E6|[V:3]|:z6|\n" + "".join(
+      line.replace(f"[r:{i}/{3 - i}]", f"[r:{i + 1}/{3 - i}]")
+      for i, line in enumerate(good[len(PROMPT + header):].splitlines(keepends=True)))
+  assert rejection(opened, ended=True) is None
+  assert rejection(opened.replace("|:B6|[", "|:B6|1[").replace("|:E6|[", "|:E6|1[").replace(
+      "|:z6|\n", "|:z6|1\n"), ended=True) is not None
   # A last strain's start repeat left open, as the data's reels leave it.
   assert rejection(good.replace("e6|]", "e6||:").replace("E6|]", "E6||:").replace(
       "z6|]", "z6||:"), ended=True) is None
