@@ -25,7 +25,7 @@ Sample rows `SIZE:WEIGHTS:BATCH:free|constrained`: `sampling.Sampler` over a ran
 model of SIZE (compute dtype bfloat16 for bfloat16/int8 weights, else float32) with `dtype=WEIGHTS`
 (the blocks' matrices as stored for sampling), BATCH copies of the prompt
 `%Baroque\\n%Bach, Johann Sebastian\\n%Choral\\n`, the original's CLaMP-DPO sampling settings and
-each piece stopped after 64 patches. A first run compiles; the second is timed. `chars_per_s`
+each piece stopped after 64 patches (a constrained one at the end of its line). A first run compiles; the second is timed. `chars_per_s`
 counts the characters drawn (a constrained random model ends pieces early: compare `slot_chars_per_s`,
 the char positions the compiled loop ran, rows of ended pieces included).
 """

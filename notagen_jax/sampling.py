@@ -60,6 +60,8 @@ class Settings:
   max_chars: int = 102400
   max_seconds: float = 600.0
   # Patches drawn per piece before it is stopped (0: no limit); stopped pieces count as complete.
+  # A constrained piece goes on to the end of its line (of its first body line while it has none),
+  # so that all of it stays well-formed.
   max_patches: int = 0
   # The original drops the prompt lines when the context overflows (only generated metadata is
   # kept); keeping them keeps the conditioning. False reproduces the original exactly.
@@ -351,6 +353,11 @@ class Piece:
   @property
   def chars(self) -> int:
     return len(self.prompt) + sum(map(len, self.text))
+
+  @property
+  def at_body_line_end(self) -> bool:
+    """The last patch ended a body line (a patch holds one line's characters at most)."""
+    return self.in_body and bool(self.text) and self.text[-1].endswith("\n")
 
   def append(self, text: str):
     """A generated patch's text; the body starts with the first patch that starts `[r:`."""
@@ -689,8 +696,9 @@ class _Generation:
         if piece.chars > settings.max_chars:
           self._finish(row, False, f"more than {settings.max_chars} characters")
           break
-        if settings.max_patches and piece.patches >= settings.max_patches:
-          self._finish(row, True, f"stopped after {settings.max_patches} patches")
+        if (settings.max_patches and piece.patches >= settings.max_patches and
+            (not settings.constrained or piece.at_body_line_end)):
+          self._finish(row, True, f"stopped after {piece.patches} patches")
           break
         if event == FULL:
           self._overflow(row, piece)

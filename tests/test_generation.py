@@ -168,7 +168,14 @@ def test_generate_entry_point(golden_dir, tmp_path):
        "--formats=", "--weights_dtype=bfloat16"], cwd=REPO, capture_output=True, text=True, check=True)
   summary = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
   assert summary["pieces"] == 2 and summary["perplexity"] > 1  # scored by default
-  assert sorted(p.name for p in tmp_path.glob("*.abc")) == ["piece_00000.abc", "piece_00001.abc"]
+  # Stopped past four patches at the end of a body line (constrained, the default): whole, so
+  # each un-reduces.
+  assert sorted(p.name for p in tmp_path.glob("*.abc")) == [
+      "piece_00000.abc", "piece_00000.unreduced.abc", "piece_00001.abc",
+      "piece_00001.unreduced.abc"]
+  for path in tmp_path.glob("piece_?????.abc"):
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("[r:0/"), path
 
 
 def _header_lines(text):
