@@ -43,9 +43,10 @@ is reported apart; a row reusing shapes compiled before shows less.
 `--only=constrained`: what `Settings(constrained=True)` costs (the automaton's mask on every drawn
 character, `constraint.admissible` inside the compiled char loop), on the same small float32 model,
 the short prompt (the long one repeats body lines, which the automaton does not admit: their `[r:i`
-would not count the lines) and `max_patches` 64 (a constrained piece then finishes its line), against the unconstrained sampler, timed runs
-interleaved (the best of `--repeats` each). Constrained pieces of a random model end early (a
-bos-eos patch after a complete line), so the rates are per character, in two counts: drawn (the
+would not count the lines) and `max_patches` 64 (a constrained piece then finishes its line),
+against the unconstrained sampler, timed runs interleaved (the best of `--repeats` each).
+Constrained pieces of a random model end early (a bos-eos patch after a complete line) or late,
+so the rates are per character, in two counts: drawn (the
 characters the pieces got) and slots (batch x 16 x the patches of every compiled call, rows whose
 piece has ended included: the work the compiled loop does, which is what the automaton adds to;
 a run makes as many calls as its longest piece needs). The ratio is constrained / unconstrained
