@@ -184,6 +184,24 @@ def test_processes_see_disjoint_pieces(shards_dir, train_records):
   assert seen[0] | seen[1] == set(range(len(train_records)))
 
 
+def test_batches_are_the_same_global_batches_on_any_number_of_processes(shards_dir):
+  make = lambda index, count, batch: list(pipeline.make_dataset(shards_dir, **dict(
+      SMALL, batch_size=batch, num_epochs=2, seed=5, shard_index=index, shard_count=count)))
+  one = make(0, 1, 4)
+  halves = [make(0, 2, 2), make(1, 2, 2)]
+  assert len(one) == len(halves[0]) == len(halves[1]) > 2
+  for t, batch in enumerate(one):
+    for name in ("patches", "masks", "key", "piece"):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][t][name], halves[1][t][name]]), batch[name])
+  # Three processes of one row: global batches of 3, the same rows in the same order.
+  thirds = [make(i, 3, 1) for i in range(3)]
+  rows = [third[t]["piece"][0] for t in range(len(thirds[0])) for third in thirds]
+  pieces = np.concatenate([b["piece"][b["masks"].any(axis=1)] for b in one])
+  np.testing.assert_array_equal(rows, pieces[:len(rows)])
+  assert len(pieces) - len(rows) < 3
+
+
 def test_drop_prompt(shards_dir, train_records):
   batch = next(pipeline.make_iterator(shards_dir, key_sampling="uniform", drop_prompt=True,
                                       stream_cut=False, **dict(SMALL, patch_length=512)))

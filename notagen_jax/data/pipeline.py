@@ -134,19 +134,6 @@ class PieceTransform:
     return {"rows": rows, "key": np.int32(key), "piece": np.int32(piece)}
 
 
-def shard_indices(n: int, shard_index: int | None, shard_count: int | None,
-                  drop_remainder: bool) -> grain.MapDataset:
-  """This process's piece indices: a stride of all, disjoint across processes.
-
-  drop_remainder keeps every process at the same number of pieces, so that no host waits for a
-  batch the others never make.
-  """
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  end = n - n % shard_count if drop_remainder else n
-  return grain.MapDataset.range(n)[shard_index:end:shard_count]
-
-
 def read(ds: grain.MapDataset, num_threads: int, num_workers: int) -> grain.IterDataset:
   """Elements made by num_threads threads in each of num_workers processes (0: this one).
 
@@ -178,8 +165,7 @@ def make_dataset(shards_dir: epath.PathLike, *, split: str = "train", batch_size
                  drop_prompt: bool = False, stream_cut: bool = True, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, pack: bool = False,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 drop_remainder: bool = True, num_threads: int = 2,
-                 num_workers: int = 0) -> grain.IterDataset:
+                 num_threads: int = 2, num_workers: int = 0) -> grain.IterDataset:
   """The training (or eval) batches of one process; `iter()` gives a checkpointable iterator.
 
   key_sampling: 'uniform' (pre-training), 'nearby' (fine-tuning) or 'original' (the piece's key).
@@ -187,18 +173,21 @@ def make_dataset(shards_dir: epath.PathLike, *, split: str = "train", batch_size
   num_epochs: None repeats forever; each epoch has its own shuffle, keys and cuts.
   pack: several pieces per row, with segment ids and positions (see the module docstring).
   shard_index / shard_count: this process among all (default: JAX's process index and count).
+    The pieces are shuffled once for all processes and each takes its rows of every global batch
+    (`global_batch_rows`), so unpacked batches are the same on any number of processes.
   num_threads: reading threads per process; num_workers: worker processes (0: none).
   """
   source = shards.open_split(shards_dir, split)
-  indices = shard_indices(len(source), shard_index, shard_count, drop_remainder)
-  if not len(indices):
-    raise ValueError(f"split {split!r} of {shards_dir} leaves no piece to this process")
-  epoch_length = len(indices)
+  indices = grain.MapDataset.range(len(source))
   if shuffle:
     indices = indices.shuffle(seed=seed)
-  transform = PieceTransform(source, epoch_length, patch_length, seed, key_sampling,
+  transform = PieceTransform(source, len(source), patch_length, seed, key_sampling,
                              drop_prompt, stream_cut)
-  ds = read(indices.repeat(num_epochs).map_with_index(transform), num_threads, num_workers)
+  mine = global_batch_rows(indices.repeat(num_epochs).map_with_index(transform), batch_size,
+                           shard_index, shard_count)
+  if not len(mine):
+    raise ValueError(f"split {split!r} of {shards_dir} leaves no piece to this process")
+  ds = read(mine, num_threads, num_workers)
   if not pack:
     return batch_padded(ds.map(functools.partial(pad_example, patch_length=patch_length)),
                         batch_size)
