@@ -60,7 +60,6 @@ def base_config(mode: str, size: str = "small") -> ml_collections.ConfigDict:
   c.data.key_sampling = "uniform" if mode == "pretrain" else "nearby"
   c.data.drop_prompt = mode == "pretrain"
   c.data.stream_cut = True
-  c.data.pack = False
   c.data.num_workers = 0
   c.data.num_threads = 2
   c.data.preference_file = ""  # DPO: {"chosen": [...], "rejected": [...]}

@@ -334,10 +334,7 @@ def _train_batch(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> di
       batch |= {f"ref_{name}_logp": jax.ShapeDtypeStruct((rows,), jnp.float32)
                 for name in ("chosen", "rejected")}
     return batch
-  batch = {"patches": ints(rows, length, cfg.patch_size), "masks": ints(rows, length)}
-  if c.data.pack:
-    batch |= {"segment_ids": ints(rows, length), "positions": ints(rows, length)}
-  return batch
+  return {"patches": ints(rows, length, cfg.patch_size), "masks": ints(rows, length)}
 
 
 def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
