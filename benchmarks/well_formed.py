@@ -61,6 +61,11 @@ def main():
     cells = ["-" if summary[name] is None else str(summary[name]) for name in COLUMNS]
     print(("constrained" if constrained else "unconstrained").ljust(14) +
           "".join(cell.rjust(21) for cell in cells), flush=True)
+    if constrained:  # (unconstrained pieces fail in every way; constrained ones should not)
+      for w in written:
+        if w.errors or not w.ok:
+          print(f"#   piece {w.index} ({w.patches} patches): {w.reason or 'complete'}; "
+                f"{w.errors}", flush=True)
 
 
 if __name__ == "__main__":
