@@ -145,6 +145,18 @@ def test_plan_compiles_the_train_step_for_a_tpu_slice(config):
   assert 0.8 < estimate / xla < 1.25
 
 
+@pytest.mark.slow  # a 32-device compile: runs in CI's second pass
+def test_plan_says_when_xla_counts_collective_matmul_loops_once():
+  # fsdp=32: XLA:TPU turns the sharded matmuls and their all-gathers / reduce-scatters into
+  # windowed-einsum loops, whose bodies its cost analysis counts once.
+  run = _plan_cli("--config=configs/pretrain.py:tiny", "--devices=v5p-64", "--compile",
+                  "--config.data.per_device_batch_size=1", "--config.data.batch_size=0")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "xla flops   >= " in run.stdout
+  loops = int(run.stdout.split("XLA counts each of its ")[1].split()[0])
+  assert loops >= 1
+
+
 def test_plan_refuses_a_step_that_does_not_fit():
   # 16 GiB per v5e chip cannot hold the activations of 4,096 rows per chip.
   run = _plan_cli("--config=configs/pretrain.py:tiny", "--devices=v5e-4", "--compile",
