@@ -57,7 +57,9 @@ _TOP_P = flags.DEFINE_float("top_p", 0.9, "Top-p.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Temperature on the kept set (0: greedy).")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 102400, "Characters per piece before it fails.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Seconds per piece before it fails.")
-_MAX_PATCHES = flags.DEFINE_integer("max_patches", 0, "Patches per piece (0: until it ends); a constrained piece finishes the line it is in.")
+_MAX_PATCHES = flags.DEFINE_integer(
+    "max_patches", 0, "Patches per piece (0: until it ends); a constrained piece then finishes the "
+    "line it is in.")
 _CONSTRAINED = flags.DEFINE_bool(
     "constrained", True, "Admit only well-formed pieces in the training form (every voice in "
     "every line, bars aligned across voices: docs/generation.md); --noconstrained draws exactly "
