@@ -25,7 +25,8 @@ which of the 128 characters may come next. What it admits is NotaGen's training 
 Every admitted prefix can be completed: lengths are dyadic (`/`, `/d` and `n/d` with d up to 64,
 numerators up to 99), tuplet groups total a whole number of 1/64 units, each note, tuplet or
 broken rhythm starts only with room left for what it waits for, and zero-length elements come at
-most MAX_MARKS in a row, so every bar can end. A row left with no admissible character would be
+most MAX_MARKS in a row, a note's octave marks, length and ties at most MAX_RUN characters,
+a chord or grace group at most MAX_CHORD_NOTES / MAX_GRACE_NOTES notes, so every bar can end. A row left with no admissible character would be
 reported dead (the sampler then cuts its piece after its last complete line); the random walks of
 the tests meet none.
 
@@ -109,6 +110,12 @@ MAX_REPEATS = 4
 # Zero-length elements (spaces, slurs, decorations, annotations, grace groups, inline fields) in a
 # row: the data's longest run is 37 (a madrigal's lyrics); without a bound a bar could last forever.
 MAX_MARKS = 48
+# Notes in a chord or a grace group, and a note's octave marks, length characters and ties in a
+# row (in every 5th of music21's corpus at most 4, 8 and 5): without a bound a note could go on
+# forever.
+MAX_CHORD_NOTES = 16
+MAX_GRACE_NOTES = 16
+MAX_RUN = 12
 # The one-letter decorations abctoolkit skips when it times a bar.
 DECORATION_LETTERS = "TuvMPSO"
 
@@ -130,6 +137,7 @@ _REST = _table("zx")
 _ACCIDENTAL = _table("^_=")
 _OCTAVE = _table("',")
 _DECORATION = _table(DECORATION_LETTERS + ".")
+_RUN = _table(",'/-0123456789")
 _FIELD_LETTERS = _table("KMQI")
 # Text that abctoolkit might read as a barline or a field, or pair with a decoration's `!` or a
 # grace group's braces (it drops those before annotations), is kept out of annotations.
@@ -250,6 +258,7 @@ class State:
   group_p: jax.Array
   group_q: jax.Array
   spaced: jax.Array  # the last character was a space
+  run: jax.Array  # a note's octave marks, length characters and ties in a row
   dead: jax.Array
 
 
@@ -732,8 +741,11 @@ def _content(s: State, c: jax.Array, t: jax.Array,
   octave = cls(_OCTAVE) & ((c == s.fixed) | ~jnp.asarray(_OCTAVE)[s.fixed.clip(0, VOCAB - 1)])
   n.when(grace & (c == ord("}")) & (s.inner > 0) & (s.num == 0) & (s.den != 2), sub=S_NONE,
          inner=0, in_chord_note=False, pos=0, den=0)
-  n.when(grace & cls(_PITCH), inner=1, in_chord_note=True, num=0, fixed=0, den=0)
-  n.when(grace & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
+  grace_room = s.inner < MAX_GRACE_NOTES  # (for a next note, with what comes before it)
+  n.when(grace & cls(_PITCH) & grace_room, inner=s.inner + 1, in_chord_note=True, num=0,
+         fixed=0, den=0)
+  n.when(grace & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0) & grace_room, num=1,
+         fixed=c)
   n.when(grace & doubled, num=2)
   # (`den`: 1 once a grace note's length has begun, its octave marks before it; 2 after a
   # decoration, which a note must follow.)
@@ -741,8 +753,9 @@ def _content(s: State, c: jax.Array, t: jax.Array,
   n.when(grace & s.in_chord_note & (cls(_DIGIT) | (c == ord("/")) | (c == ord("-"))), den=1)
   n.when(grace & (c == ord("/")) & (s.inner == 0) & (s.pos == 0) & (s.num == 0), pos=1)
   # (No slurs: abc2xml cannot read them in a grace group.)
-  n.when(grace & cls(_DECORATION) & (s.num == 0), in_chord_note=False, den=2)
-  n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
+  n.when(grace & cls(_DECORATION) & (s.num == 0) & grace_room, in_chord_note=False, den=2)
+  n.when(grace & cls(_ACCIDENTAL) & s.in_chord_note & grace_room, in_chord_note=False, num=1,
+         fixed=c)
   field_sub = jnp.select([s.fixed == ord("M"), s.fixed == ord("K"), s.fixed == ord("Q")],
                          [S_FIELD_METER, S_FIELD_WORD, S_FIELD_TEMPO], S_FIELD_TEXT)
   n.when((sub == S_FIELD_KEY) & (s.fixed > 0) & (c == ord(":")), sub=field_sub, meter_part=0,
@@ -762,12 +775,16 @@ def _content(s: State, c: jax.Array, t: jax.Array,
   n.when((sub == S_FIELD_TEXT) & cls(_INFO_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
   room = _room_for_note(s)  # (one evaluation for the chord's `]` and a chord's first note)
   chord = sub == S_CHORD
-  n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0), num=1, fixed=c)
+  chord_room = s.inner < MAX_CHORD_NOTES  # (for a next note, with its accidental)
+  n.when(chord & cls(_ACCIDENTAL) & ~s.in_chord_note & (s.num == 0) & chord_room, num=1,
+         fixed=c)
   n.when(chord & doubled, num=2)
-  n.when(chord & cls(_PITCH), inner=s.inner + 1, in_chord_note=True, num=0, fixed=0)
+  n.when(chord & cls(_PITCH) & chord_room, inner=s.inner + 1, in_chord_note=True, num=0,
+         fixed=0)
   n.when(chord & octave & s.in_chord_note, fixed=c)
   n.when(chord & (c == ord("-")) & s.in_chord_note)
-  n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note, in_chord_note=False, num=1, fixed=c)
+  n.when(chord & cls(_ACCIDENTAL) & s.in_chord_note & chord_room, in_chord_note=False, num=1,
+         fixed=c)
   # A chord is one note: its length follows the `]`.
   n.when(chord & (c == ord("]")) & (s.inner > 0) & (s.num == 0) & room,
          sub=S_NONE, inner=0, in_chord_note=False, tok=T_PITCH, rest=True)
@@ -1099,7 +1116,10 @@ def step(s: State, c: jax.Array, t: jax.Array, header: Fixed | None = None, *,
   # writes them (a second one adds nothing but length).
   spacing = (s.ctx == H_SCORE) | ((s.ctx == CONTENT) & (s.sub == S_NONE))
   ok = ok & ~(spacing & s.spaced & (c == ord(" ")))
-  state = state.replace(spaced=c == ord(" "))
+  in_notes = (s.ctx == CONTENT) & ((s.sub == S_NONE) | (s.sub == S_CHORD) | (s.sub == S_GRACE))
+  running = in_notes & jnp.asarray(_RUN)[c]
+  ok = ok & ~(running & (s.run >= MAX_RUN))
+  state = state.replace(spaced=c == ord(" "), run=jnp.where(running, s.run + 1, 0))
   if header is not None:
     state, ok = _force(s, state, ok, c, header)
   return state, ok

@@ -356,8 +356,10 @@ class Piece:
 
   @property
   def at_body_line_end(self) -> bool:
-    """The last patch ended a body line (a patch holds one line's characters at most)."""
-    return self.in_body and bool(self.text) and self.text[-1].endswith("\n")
+    """The last patch ended a body line that a piece may end with (a patch holds one line's
+    characters at most)."""
+    return (self.in_body and bool(self.text) and self.text[-1].endswith("\n") and
+            not _ends_in_volta(self.text[-1]))
 
   def append(self, text: str):
     """A generated patch's text; the body starts with the first patch that starts `[r:`."""
@@ -365,6 +367,21 @@ class Piece:
     self.in_body = self.in_body or text.startswith(BODY_MARKER)
     self.text.append(text)
     (self.body if self.in_body else self.metadata).append(text)
+
+
+def _ends_in_volta(text: str) -> bool:
+  """A body line ending with a volta number (after its last barline: no bar ends on a digit)."""
+  return text.rstrip("\n")[-1:].isdigit()
+
+
+def whole_lines(text: str) -> str:
+  """A constrained piece cut where it may stop: after its last complete line, without trailing
+  lines that end with a volta number (abctoolkit cannot split a voice that opens with a barline
+  and ends with one, and no ending is left half written)."""
+  lines = text[:text.rfind("\n") + 1].splitlines(keepends=True)
+  while lines and lines[-1].startswith(BODY_MARKER) and _ends_in_volta(lines[-1]):
+    lines.pop()
+  return "".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -661,7 +678,7 @@ class _Generation:
     text = piece.prompt + "".join(piece.text)
     if self.sampler.settings.constrained and not ended:
       # A piece stopped inside a line keeps its complete lines: what it wrote stays well-formed.
-      text = text[:text.rfind("\n") + 1]
+      text = whole_lines(text)
       if not any(line.startswith(BODY_MARKER) for line in text.split("\n")):
         ok, reason = False, reason or "stopped before its first complete line"
     result = Result(piece.index, piece.prompt, text, ok, reason,

@@ -158,8 +158,8 @@ _steps = jax.jit(jax.vmap(constraint.step))
 
 def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
   """Random logits: each row draws every char uniformly among those admitted, patches cut as the
-  tokenizer cuts them, until the end; each text cut after its last complete line (as the sampler
-  cuts a piece it stops)."""
+  tokenizer cuts them, until the end; each text cut where the sampler cuts a piece it stops
+  (`sampling.whole_lines`)."""
   rng = np.random.default_rng(seed)
   state = constraint.batch([constraint.initial()] * rows)
   t = np.zeros(rows, np.int32)
@@ -182,7 +182,7 @@ def _random_walks(seed: int, rows: int, length: int = 1500) -> list[str]:
     if not walking.any():
       break
   texts = ["".join(chr(c) for c in row if c > tokenizer.EOS) for row in chars]
-  return [text[:text.rfind("\n") + 1] for text in texts]
+  return [sampling.whole_lines(text) for text in texts]
 
 
 # One example of 48 walks rather than two of 24: as many walks in half the steps (a step costs

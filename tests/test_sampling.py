@@ -287,3 +287,11 @@ def test_int8_weights_that_no_kernel_multiplies_are_logged(golden_dir, caplog):
   sampling.Sampler(model, batch=64, dtype="int8")  # 8 rows on each of the 8 simulated devices
   assert ("int8 weights are dequantized to bfloat16 at every step" in caplog.text and
           "bfloat16 weights are faster" in caplog.text)
+
+
+def test_a_stopped_constrained_piece_keeps_the_lines_it_may_end_with():
+  head = "%Baroque\nL:1/8\nM:2/4\nK:C\nV:1\n[r:0/3][V:1]|:c4|\n"
+  assert sampling.whole_lines(head + "[r:1/2][V:1]d4|1\n[r:2/1][V:1]e4:|2\n[r:3/0][V:1]f") == head
+  assert sampling.whole_lines(head + "[r:1/2][V:1]d4||\n[r:2/1][V:1]e2") == (
+      head + "[r:1/2][V:1]d4||\n")
+  assert sampling.whole_lines("%Baroque\nL:1/8\nM:2/4\n") == "%Baroque\nL:1/8\nM:2/4\n"
