@@ -100,6 +100,10 @@ T_IDLE, T_ACC, T_PITCH, T_NUM, T_SLASH, T_DEN = range(6)
 # closed quote.
 N_ITEM, N_KEY, N_EQUALS, N_QUOTE, N_VALUE, N_CLOSED = range(6)
 MAX_KEY = 12
+# Items after a V: line's clef (the data's most: 3) and a comment line's characters (the data's
+# prompt lines: under 40); without a bound a header line could go on forever.
+MAX_VOICE_ITEMS = 6
+MAX_COMMENT = 80
 # Barlines as abctoolkit splits them, with a volta number after; one code per spelling. (Not
 # `:||`: the original's tokenizer reads it as two barlines and drops the line from its data.)
 _BARLINE_CORES = ("|", "||", "|]", ":|", "|:", "::", "|]:", "||:", ":|]")
@@ -142,7 +146,8 @@ _FIELD_LETTERS = _table("KMQI")
 # Text that abctoolkit might read as a barline or a field, or pair with a decoration's `!` or a
 # grace group's braces (it drops those before annotations), is kept out of annotations.
 _QUOTE_TEXT = _PRINTABLE & ~_table('"|[]!{}')
-_NAME_TEXT = _HEADER_TEXT & ~_table('"')
+# (No `[`: a header line holding `[V:` would read as a body line.)
+_NAME_TEXT = _HEADER_TEXT & ~_table('"[')
 _LOWER = _table("abcdefghijklmnopqrstuvwxyz")
 _VALUE = _LOWER | _DIGIT | _table("ABCDEFGHIJKLMNOPQRSTUVWXYZ+-")
 _INFO_TEXT = _table("abcdefghijklmnopqrstuvwxyz0123456789 ")
@@ -259,6 +264,7 @@ class State:
   group_q: jax.Array
   spaced: jax.Array  # the last character was a space
   run: jax.Array  # a note's octave marks, length characters and ties in a row
+  items: jax.Array  # items after a V: line's clef
   dead: jax.Array
 
 
@@ -556,7 +562,7 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when(percent & (c == ord("%")) & (rank == R_START), **fixed(F_SCORE, rank=R_SCORE))
   more = s.comments < MAX_COMMENTS
   n.when(percent & more & (c == ord("\n")), ctx=EOL, comments=s.comments + 1)
-  n.when(percent & more & cls(_PRINTABLE), ctx=H_TEXT, comments=s.comments + 1)
+  n.when(percent & more & cls(_PRINTABLE), ctx=H_TEXT, comments=s.comments + 1, pos=1)
   # Fixed strings (header keys; the body's `[r:` and `[V:` share the logic).
   in_fixed = (s.ctx == H_FIXED) | (s.ctx == B_FIXED)
   expected = jnp.asarray(_FIXED_CHARS)[s.fixed, s.pos.clip(0, _FIXED_CHARS.shape[1] - 1)]
@@ -621,8 +627,8 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   n.when((s.ctx == H_KEY) & key_ok, pos=key.pos, ctx=jnp.where(key_end, EOL, H_KEY))
   # A comment's text, or an `I:` instruction's.
   text = s.ctx == H_TEXT
-  n.when(text & (c == ord("\n")), ctx=EOL)
-  n.when(text & cls(_HEADER_TEXT))
+  n.when(text & (c == ord("\n")), ctx=EOL, pos=0)
+  n.when(text & cls(_HEADER_TEXT) & (s.pos < MAX_COMMENT), pos=s.pos + 1)
   info = s.ctx == H_INFO
   n.when(info & (c == ord("\n")) & (s.pos > 0), ctx=EOL, pos=0)
   n.when(info & cls(_INFO_TEXT) & (s.pos < MAX_TEXT), pos=s.pos + 1)
@@ -630,15 +636,17 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   clef, clef_ok, clef_end = _word(s, c, (c == ord(" ")) | (c == ord("\n")), _CLEF_NEXT,
                                   _CLEF_FINAL)
   n.when((s.ctx == H_CLEF) & clef_ok, pos=clef.pos,
-         ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0)
+         ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0,
+         items=0)
   # Names and options as abc2xml reads them: `key="text"` or `key=value`, one space apart.
   names = s.ctx == H_NAMES
   inner = s.inner
   n.when(names & ((inner == N_ITEM) | (inner == N_CLOSED) | (inner == N_VALUE)) &
          (c == ord("\n")), ctx=EOL)
   n.when(names & ((inner == N_CLOSED) | (inner == N_VALUE)) & (c == ord(" ")), inner=N_ITEM)
-  n.when(names & ((inner == N_ITEM) | (inner == N_KEY)) & cls(_LOWER) & (s.pos < MAX_KEY),
-         inner=N_KEY, pos=s.pos + 1)
+  n.when(names & (((inner == N_ITEM) & (s.items < MAX_VOICE_ITEMS)) | (inner == N_KEY)) &
+         cls(_LOWER) & (s.pos < MAX_KEY), inner=N_KEY, pos=s.pos + 1,
+         items=s.items + (inner == N_ITEM))
   n.when(names & (inner == N_KEY) & (c == ord("=")), inner=N_EQUALS, pos=0)
   n.when(names & (inner == N_EQUALS) & (c == ord('"')), inner=N_QUOTE)
   n.when(names & ((inner == N_EQUALS) | (inner == N_VALUE)) & cls(_VALUE) & (s.pos < MAX_TEXT),

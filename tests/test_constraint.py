@@ -59,7 +59,26 @@ def test_admits_a_written_piece_and_rejects_each_malformation():
       "tuplet short of its notes": good.replace("(3cBA G2", "(3cB A2G2"),
       "header order": good.replace("L:1/8\nQ:1/4=76\n", "Q:1/4=76\nL:1/8\n"),
       "voice twice": good.replace("[V:2]|:E2|\n", "[V:2]|:E2|[V:2]|:E2|\n"),
+      # Bounds, so that no line, bar or note goes on forever (each just past its bound).
+      "comment too long": good.replace("%Choral", "%" + "C" * (constraint.MAX_COMMENT + 1)),
+      "V: line of too many items": good.replace('nm="S"', " ".join(
+          ['nm="S"'] * (constraint.MAX_VOICE_ITEMS + 1))),
+      "[ in a voice's name": good.replace('nm="S"', 'nm="S[V:1"'),
+      "chord of too many notes": good.replace(
+          "[E,B,]2", "[" + "E" * (constraint.MAX_CHORD_NOTES + 1) + "]2"),
+      "grace group of too many notes": good.replace(
+          "{A,}", "{" + "A" * (constraint.MAX_GRACE_NOTES + 1) + "}"),
+      "too many octave marks": good.replace("{A,}", "{A" + "," * (constraint.MAX_RUN + 1) + "}"),
   }
+  at_bounds = {
+      "comment": good.replace("%Choral", "%" + "C" * constraint.MAX_COMMENT),
+      "V: line": good.replace('nm="S"', " ".join(['nm="S"'] * constraint.MAX_VOICE_ITEMS)),
+      "chord": good.replace("[E,B,]2", "[" + "E" * constraint.MAX_CHORD_NOTES + "]2"),
+      "grace group": good.replace("{A,}", "{" + "A" * constraint.MAX_GRACE_NOTES + "}"),
+      "octave marks": good.replace("{A,}", "{A" + "," * constraint.MAX_RUN + "}"),
+  }
+  for name, text in at_bounds.items():
+    assert rejection(text) is None, name
   for name, text in bad.items():
     assert text != good, name
     assert rejection(text) is not None, name
