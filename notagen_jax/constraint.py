@@ -25,10 +25,11 @@ which of the 128 characters may come next. What it admits is NotaGen's training 
 Every admitted prefix can be completed: lengths are dyadic (`/`, `/d` and `n/d` with d up to 64,
 numerators up to 99), tuplet groups total a whole number of 1/64 units, each note, tuplet or
 broken rhythm starts only with room left for what it waits for, and zero-length elements come at
-most MAX_MARKS in a row, a note's octave marks, length and ties at most MAX_RUN characters,
-a chord or grace group at most MAX_CHORD_NOTES / MAX_GRACE_NOTES notes, so every bar can end. A row left with no admissible character would be
-reported dead (the sampler then cuts its piece after its last complete line); the random walks of
-the tests meet none.
+most MAX_MARKS in a row, a note's octave marks, length and ties at most MAX_RUN characters in a
+row, a chord or grace group at most MAX_CHORD_NOTES / MAX_GRACE_NOTES notes, so every bar can end
+(and header lines are bounded too). A row left with no admissible character would be reported
+dead (the sampler then cuts its piece after its last complete line); the random walks of the
+tests meet none.
 
 `step` is one transition for one row and one character, written with jnp scalars so that it is
 vmapped over the 128 candidates and over rows inside the sampler's compiled loop; `advance` runs
@@ -939,8 +940,9 @@ def _barline(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   repeat_closes = _leading_symbol(s.bar_code) == _BARLINE_SYMBOLS[":"]
   ending_ok = jnp.where(s.volta == 0, (ending == 1) & _goes_on(s.bar_code),
                         (ending == s.volta + 1) & repeat_closes)
-  # abctoolkit cannot split a voice that opens with a barline (only the first line's may) and ends
-  # with a volta number.
+  # (Not on a first line whose voices open with a barline: abctoolkit cannot split a voice that
+  # opens with one and ends with a volta number. A piece never ends on one, and a stopped piece is
+  # cut before it: `sampling.whole_lines`.)
   volta_ok = (ending < 1) | (((s.line > 0) | (s.left_code <= 0)) & ending_ok)
   # (A first ending goes on past a plain or double barline, or ends on a closing repeat.)
   first_ok = (s.volta != 1) | (ending >= 1) | _goes_on(code) | (

@@ -60,8 +60,8 @@ class Settings:
   max_chars: int = 102400
   max_seconds: float = 600.0
   # Patches drawn per piece before it is stopped (0: no limit); stopped pieces count as complete.
-  # A constrained piece goes on to the end of its line (of its first body line while it has none),
-  # so that all of it stays well-formed.
+  # A constrained piece goes on to the end of a line it may end with (its first body line while it
+  # has none), so that all of it stays well-formed.
   max_patches: int = 0
   # The original drops the prompt lines when the context overflows (only generated metadata is
   # kept); keeping them keeps the conditioning. False reproduces the original exactly.
@@ -358,8 +358,10 @@ class Piece:
   def at_body_line_end(self) -> bool:
     """The last patch ended a body line that a piece may end with (a patch holds one line's
     characters at most)."""
-    return (self.in_body and bool(self.text) and self.text[-1].endswith("\n") and
-            not _ends_in_volta(self.text[-1]))
+    if not (self.in_body and self.text and self.text[-1].endswith("\n")):
+      return False
+    text = self.prompt + "".join(self.text)
+    return not _ends_in_volta(text[text.rfind("\n", 0, len(text) - 1) + 1:])
 
   def append(self, text: str):
     """A generated patch's text; the body starts with the first patch that starts `[r:`."""

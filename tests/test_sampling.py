@@ -295,3 +295,14 @@ def test_a_stopped_constrained_piece_keeps_the_lines_it_may_end_with():
   assert sampling.whole_lines(head + "[r:1/2][V:1]d4||\n[r:2/1][V:1]e2") == (
       head + "[r:1/2][V:1]d4||\n")
   assert sampling.whole_lines("%Baroque\nL:1/8\nM:2/4\n") == "%Baroque\nL:1/8\nM:2/4\n"
+
+
+def test_a_piece_past_max_patches_stops_only_after_a_line_it_may_end_with():
+  piece = sampling.Piece(index=0, prompt="%Baroque\nL:1/8\nM:2/4\nK:C\nV:1\n", in_body=False,
+                         start_time=0.0)
+  # (A line's last patch may hold only its `\n`: the volta number is in the patch before.)
+  patches = [("[r:0/1][V:1]|:c4", False), ("|\n", True), ("[r:1/0][V:1]d2 e2 f", False),
+             ("2 g2 a2 b2 c'2 d'", False), ("2|1", False), ("\n", False)]
+  for patch, may_stop in patches:
+    piece.append(patch)
+    assert piece.at_body_line_end == may_stop, patch
