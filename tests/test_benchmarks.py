@@ -31,3 +31,34 @@ def test_accelerator_throughput_prints_a_row_for_each_spec(tmp_path):
   # A bad spec reports its error and the rows after it still run.
   assert rows[4]["spec"] == "tiny:pretrain:float64:1" and "float64" in rows[4]["error"]
   assert rows[5]["pieces_per_s"] > 0 and rows[5]["chars_per_s"] > 0
+
+
+def _run(args, timeout=900):
+  """A benchmark script as documented (from the repo root), its output."""
+  env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+  done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS.parent, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+@pytest.mark.slow  # about two minutes: two samplers compile
+def test_well_formed_prints_both_modes_and_the_constrained_pieces_are_whole():
+  out = _run(["benchmarks/well_formed.py", "--random=256,1,1,64", "--pieces=4", "--batch=2",
+              "--max_patches=8"])
+  rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+          if line.startswith(("unconstrained ", "constrained "))}
+  assert sorted(rows) == ["constrained", "unconstrained"]
+  unreduced, musicxml, midi, bae = rows["constrained"][:4]
+  assert (float(unreduced), float(musicxml), float(midi), float(bae)) == (1.0, 1.0, 1.0, 0.0)
+  assert "#   piece" not in out  # no constrained piece failed
+
+
+@pytest.mark.slow  # about a minute: prepares a handful of music21's sources
+def test_corpus_admitted_reads_every_prepared_piece(tmp_path):
+  out = _run(["benchmarks/corpus_admitted.py", "--stride=2500", f"--work={tmp_path}",
+              "--workers=1"])
+  summary = out.strip().splitlines()[-1]
+  admitted, total = (int(n.replace(",", "")) for n in summary.split(" pieces")[0].split(" of "))
+  assert total == len(list(tmp_path.glob("pieces/*/*.json"))) > 0
+  assert admitted == total - sum(" then " in line for line in out.splitlines())
