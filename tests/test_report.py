@@ -49,6 +49,11 @@ def _screenshot(browser, name: str):
     WebDriverWait(browser, 60).until(lambda b: b.execute_script(  # the score pages in view
         "return [...document.images].every(i => i.getBoundingClientRect().top > innerHeight"
         " || (i.complete && i.naturalWidth > 0))"))
+    # Loaded is not yet painted: once a shot showed a first system without its key signatures.
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all([...document.images].filter(i => i.complete).map(i => i.decode()))"
+        ".then(() => requestAnimationFrame(() => requestAnimationFrame(done)));")
     (REPO / folder).mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(REPO / folder / name))
 
