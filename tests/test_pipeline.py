@@ -163,9 +163,8 @@ def test_epochs_reshuffle_and_cover(shards_dir, train_records):
   assert len({tuple(epoch) for epoch in pieces}) > 1
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_restore_continues_exactly(shards_dir, pack):
-  config = dict(SMALL, patch_length=128, seed=11, pack=pack)
+def test_restore_continues_exactly(shards_dir):
+  config = dict(SMALL, patch_length=128, seed=11)
   iterator = pipeline.make_iterator(shards_dir, **config)
   take(iterator, 3)
   state = iterator.get_state()
@@ -212,27 +211,6 @@ def test_drop_prompt(shards_dir, train_records):
     expected = np.concatenate([rows[:1], rows[1 + n_prompt:]])[:512]
     np.testing.assert_array_equal(batch["patches"][row, :len(expected)], expected)
     assert batch["masks"][row].sum() == len(expected)
-
-
-def test_packing_keeps_every_piece(shards_dir):
-  config = dict(SMALL, batch_size=3, patch_length=1024, seed=4)
-  packed = take(pipeline.make_iterator(shards_dir, pack=True, **config), 4)
-  segments = []
-  for batch in packed:
-    assert batch["patches"].shape == (3, 1024, 16)
-    np.testing.assert_array_equal(batch["masks"], batch["segment_ids"] > 0)
-    for row in range(3):
-      ids = batch["segment_ids"][row]
-      for segment in range(1, ids.max() + 1):
-        where = np.flatnonzero(ids == segment)
-        np.testing.assert_array_equal(batch["positions"][row, where], np.arange(len(where)))
-        segments.append(batch["patches"][row, where].tobytes())
-      assert not batch["patches"][row, ids == 0].any()
-  # Packing consumes the same stream of crops in order, so the first len(segments) match.
-  plain = take(pipeline.make_iterator(shards_dir, **config), len(segments))
-  crops = [b["patches"][r, :b["masks"][r].sum()].tobytes() for b in plain for r in range(3)]
-  assert sorted(segments) == sorted(crops[:len(segments)])
-  assert len(segments) > len(packed) * 3  # rows do hold several pieces
 
 
 def test_preference_batches(tmp_path, golden_dir):

@@ -1,4 +1,4 @@
-"""Grain pipelines from the shards: key sampling, stream cut on ids, batching / packing, sharding.
+"""Grain pipelines from the shards: key sampling, stream cut on ids, batching, sharding.
 
 Every random choice about one element (its key, its stream cut) comes from generators seeded by
 (seed, epoch, piece index), not from the iteration order, so a batch depends only on the config and
@@ -10,12 +10,6 @@ Batches (per process) have static shapes:
 - `masks` int32 [B, patch_length]: 1 on real patches. A short last batch is filled with empty rows.
 - `key` int32 [B] (index in `abc.KEYS`) and `piece` int32 [B] (record index in the split), for
   inspection; the model ignores them.
-- with `pack=True`, several pieces share a row and two more fields say which is which:
-  `segment_ids` int32 [B, patch_length] (1, 2, ... per piece, 0 on padding) and `positions` int32
-  (0.. within each piece). The model must then (1) attend only within a segment (causal mask AND
-  segment_ids[q] == segment_ids[k] != 0), (2) take position embeddings at `positions`, not at the
-  row index, and (3) never predict across pieces: patch i predicts patch i + 1 only where
-  positions[i + 1] > 0, so each piece's bos patch stays a non-target, as it is unpacked.
 
 Preference pairs for DPO come from the original's JSON `{"chosen": [texts], "rejected": [texts]}`,
 every chosen x rejected pair, see `preference_dataset`.
@@ -95,10 +89,6 @@ def pad_example(example: dict[str, np.ndarray], patch_length: int) -> dict[str, 
           "piece": example["piece"]}
 
 
-def pack_input(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"patches": example["rows"]}
-
-
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
   """Fills a short last batch with empty rows (all masks 0) to keep the shapes static."""
   missing = batch_size - len(next(iter(batch.values())))
@@ -154,16 +144,10 @@ def batch_padded(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
   return ds.map(functools.partial(pad_batch, batch_size=batch_size))
 
 
-def packed_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  segment_ids = batch["patches_segment_ids"].astype(np.int32)
-  return {"patches": batch["patches"].astype(np.int32), "masks": (segment_ids > 0).astype(np.int32),
-          "segment_ids": segment_ids, "positions": batch["patches_positions"].astype(np.int32)}
-
-
 def make_dataset(shards_dir: epath.PathLike, *, split: str = "train", batch_size: int = 8,
                  patch_length: int = 2048, key_sampling: str = "nearby",
                  drop_prompt: bool = False, stream_cut: bool = True, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, pack: bool = False,
+                 shuffle: bool = True, num_epochs: int | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int = 2, num_workers: int = 0) -> grain.IterDataset:
   """The training (or eval) batches of one process; `iter()` gives a checkpointable iterator.
@@ -171,10 +155,9 @@ def make_dataset(shards_dir: epath.PathLike, *, split: str = "train", batch_size
   key_sampling: 'uniform' (pre-training), 'nearby' (fine-tuning) or 'original' (the piece's key).
   drop_prompt: drops the `%` prompt patches (pre-training on shards built with the prompt).
   num_epochs: None repeats forever; each epoch has its own shuffle, keys and cuts.
-  pack: several pieces per row, with segment ids and positions (see the module docstring).
   shard_index / shard_count: this process among all (default: JAX's process index and count).
     The pieces are shuffled once for all processes and each takes its rows of every global batch
-    (`global_batch_rows`), so unpacked batches are the same on any number of processes.
+    (`global_batch_rows`), so batches are the same on any number of processes.
   num_threads: reading threads per process; num_workers: worker processes (0: none).
   """
   source = shards.open_split(shards_dir, split)
@@ -188,14 +171,7 @@ def make_dataset(shards_dir: epath.PathLike, *, split: str = "train", batch_size
   if not len(mine):
     raise ValueError(f"split {split!r} of {shards_dir} leaves no piece to this process")
   ds = read(mine, num_threads, num_workers)
-  if not pack:
-    return batch_padded(ds.map(functools.partial(pad_example, patch_length=patch_length)),
-                        batch_size)
-  # One bin per row: each time a piece fits no bin, the bins leave as one batch.
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds.map(pack_input), length_struct={"patches": patch_length}, num_packing_bins=batch_size,
-      shuffle_bins=False)
-  return batch_padded(ds, batch_size).map(packed_fields)
+  return batch_padded(ds.map(functools.partial(pad_example, patch_length=patch_length)), batch_size)
 
 
 def make_iterator(shards_dir: epath.PathLike, state: dict[str, Any] | None = None,
