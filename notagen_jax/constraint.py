@@ -636,7 +636,7 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   # A voice's clef, then its names (`nm="..." snm="..."`, quotes closed).
   clef, clef_ok, clef_end = _word(s, c, (c == ord(" ")) | (c == ord("\n")), _CLEF_NEXT,
                                   _CLEF_FINAL)
-  n.when((s.ctx == H_CLEF) & clef_ok, pos=clef.pos,
+  n.when((s.ctx == H_CLEF) & clef_ok, pos=jnp.where(clef_end, 0, clef.pos),
          ctx=jnp.where(clef_end, jnp.where(c == ord(" "), H_NAMES, EOL), H_CLEF), inner=0,
          items=0)
   # Names and options as abc2xml reads them: `key="text"` or `key=value`, one space apart.
@@ -644,7 +644,8 @@ def _header(s: State, c: jax.Array, t: jax.Array) -> tuple[State, jax.Array]:
   inner = s.inner
   n.when(names & ((inner == N_ITEM) | (inner == N_CLOSED) | (inner == N_VALUE)) &
          (c == ord("\n")), ctx=EOL)
-  n.when(names & ((inner == N_CLOSED) | (inner == N_VALUE)) & (c == ord(" ")), inner=N_ITEM)
+  n.when(names & ((inner == N_CLOSED) | (inner == N_VALUE)) & (c == ord(" ")), inner=N_ITEM,
+         pos=0)
   n.when(names & (((inner == N_ITEM) & (s.items < MAX_VOICE_ITEMS)) | (inner == N_KEY)) &
          cls(_LOWER) & (s.pos < MAX_KEY), inner=N_KEY, pos=s.pos + 1,
          items=s.items + (inner == N_ITEM))

@@ -64,6 +64,7 @@ def test_admits_a_written_piece_and_rejects_each_malformation():
       "V: line of too many items": good.replace('nm="S"', " ".join(
           ['nm="S"'] * (constraint.MAX_VOICE_ITEMS + 1))),
       "[ in a voice's name": good.replace('nm="S"', 'nm="S[V:1"'),
+      "V: item key too long": good.replace('nm="S"', f'{"n" * (constraint.MAX_KEY + 1)}="S"'),
       "chord of too many notes": good.replace(
           "[E,B,]2", "[" + "E" * (constraint.MAX_CHORD_NOTES + 1) + "]2"),
       "grace group of too many notes": good.replace(
@@ -73,6 +74,9 @@ def test_admits_a_written_piece_and_rejects_each_malformation():
   at_bounds = {
       "comment": good.replace("%Choral", "%" + "C" * constraint.MAX_COMMENT),
       "V: line": good.replace('nm="S"', " ".join(['nm="S"'] * constraint.MAX_VOICE_ITEMS)),
+      # Each key counts its own letters, not the clef's or the value's before it.
+      "V: item key": good.replace('nm="S"', f'{"n" * constraint.MAX_KEY}="S" '
+                                  f'transpose=-{"1" * 20} {"n" * constraint.MAX_KEY}="S"'),
       "chord": good.replace("[E,B,]2", "[" + "E" * constraint.MAX_CHORD_NOTES + "]2"),
       "grace group": good.replace("{A,}", "{" + "A" * constraint.MAX_GRACE_NOTES + "}"),
       "octave marks": good.replace("{A,}", "{A" + "," * constraint.MAX_RUN + "}"),
