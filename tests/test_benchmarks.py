@@ -62,3 +62,15 @@ def test_corpus_admitted_reads_every_prepared_piece(tmp_path):
   admitted, total = (int(n.replace(",", "")) for n in summary.split(" pieces")[0].split(" of "))
   assert total == len(list(tmp_path.glob("pieces/*/*.json"))) > 0
   assert admitted == total - sum(" then " in line for line in out.splitlines())
+
+
+@pytest.mark.slow  # about two minutes: five processes start and compile their samplers
+def test_generate_scaling_draws_the_same_pieces_in_every_layout():
+  out = _run(["benchmarks/generate_scaling.py", "--pieces=8", "--batch=4", "--max_patches=4",
+              "--layouts=1x1,1x2,2x1"])
+  lines = out.strip().splitlines()
+  assert lines[0].startswith("# ") and "tiny model, 8 pieces of 4 patches" in lines[0]
+  rows = [line.split() for line in lines[2:]]
+  assert [row[:2] for row in rows] == [["1", "1"], ["1", "2"], ["2", "1"]]
+  assert all(float(row[2]) > 0 for row in rows)
+  assert len({(row[4], row[5]) for row in rows}) == 1  # the same characters, the same texts
