@@ -74,6 +74,9 @@ Options (each also reads the environment variable named beside it; nothing is ha
   --log_sync_every=S       LOG_SYNC_EVERY    seconds between a worker's log copies, default 60
   --num_hosts=N            NUM_HOSTS         hosts of the slice (default: from the type)
   --python=PY              REMOTE_PYTHON     default python3
+  --libtpu_init_args=ARGS  LIBTPU_INIT_ARGS  XLA:TPU flags for the run on every worker, e.g.
+                                             the ones `plan --compile` names to compile
+                                             without collective-matmul loops
   --dry-run                                  print the commands, run nothing
   -h, --help
 
@@ -112,6 +115,7 @@ defaults() {
   log_sync_every="${LOG_SYNC_EVERY:-60}"
   num_hosts="${NUM_HOSTS:-}"
   python="${REMOTE_PYTHON:-python3}"
+  libtpu_init_args="${LIBTPU_INIT_ARGS:-}"
   extra=()
 }
 
@@ -141,6 +145,7 @@ parse() {
       --log_sync_every=*) log_sync_every="${1#*=}" ;;
       --num_hosts=*) num_hosts="${1#*=}" ;;
       --python=*) python="${1#*=}" ;;
+      --libtpu_init_args=*) libtpu_init_args="${1#*=}" ;;
       --dry-run|--dry_run) dry_run=1 ;;
       -h|--help) usage; exit 0 ;;
       up|run|follow|logs|stop|resume|all|down) command="$1" ;;
@@ -387,6 +392,7 @@ write_record() {
                "--workdir=$workdir" "--shards_dir=$shards_dir" "--run_name=$run_name"
                "--num_hosts=$num_hosts" "--python=$python" "--log_sync_every=$log_sync_every")
   if [[ -n "$install_cmd" ]]; then flags+=("--install=$install_cmd"); fi
+  if [[ -n "$libtpu_init_args" ]]; then flags+=("--libtpu_init_args=$libtpu_init_args"); fi
   if ((spot)); then flags+=(--spot); fi
   flags+=(-- "${extra[@]}")
   for value in "${flags[@]}"; do
@@ -408,6 +414,9 @@ run() {
   # from the TPU environment (coordinator, process ids).
   if ((num_hosts > 1)); then train+=("--config.distributed.num_processes=$num_hosts"); fi
   train+=("${extra[@]}")
+  if [[ -n "$libtpu_init_args" ]]; then
+    train=(env "LIBTPU_INIT_ARGS=$libtpu_init_args" "${train[@]}")
+  fi
   if [[ "$workdir" == gs://* ]]; then
     write_record
   else

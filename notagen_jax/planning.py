@@ -32,6 +32,9 @@ from notagen_jax import trainer
 
 GiB = 2**30
 DEFAULT_MFU = 0.45
+# libtpu flags that keep XLA:TPU from turning sharded matmuls into collective-matmul loops.
+NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+                      "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,6 +464,10 @@ def format_plan(p: Plan) -> str:
       if x.windowed_loops:
         lines.append(f"            (XLA counts each of its {x.windowed_loops} collective-matmul "
                      "loops once: windowed einsums over the fsdp axis)")
+  if p.compiled and p.compiled.windowed_loops:
+    lines.append(f"note        the collective-matmul loops overlap the fsdp all-gathers with the "
+                 f"matmuls but keep their float32 outputs unfused, which costs memory; "
+                 f"LIBTPU_INIT_ARGS='{NO_WINDOWED_EINSUM}' compiles without them")
   lines.append(f"flops/step  {p.flops_per_step:.4g} (3 x forward x {c.data.batch_size} rows"
                + (" x 2 for chosen + rejected" if c.mode == "dpo" else "") + ")")
   if p.step_seconds:

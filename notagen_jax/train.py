@@ -4,6 +4,8 @@ Override any field with `--config.section.field=value`. Multi-process runs (TPU 
 explicit `--config.distributed.*`) call jax.distributed.initialize first.
 """
 
+import os
+
 import jax
 from absl import flags
 from absl import logging
@@ -29,6 +31,9 @@ def main(argv):
   distributed.initialize(config)
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
+  for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS"):
+    if os.environ.get(name):
+      logging.info("%s=%s", name, os.environ[name])
   metrics = trainer.train_and_evaluate(config, config.workdir)
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))

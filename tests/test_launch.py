@@ -13,6 +13,8 @@ import tomllib
 
 import pytest
 
+from notagen_jax import planning
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "tpu_vm.sh", "gpu_slurm.sh", "gpu_slurm.sbatch", "quickstart.sh"]
@@ -328,7 +330,10 @@ def test_tpu_vm_single_host_and_git_code():
 def test_tpu_vm_resume_dry_run_reuses_the_launch(fake_cloud):
   """resume with only the workdir: the record written by the launch gives the same commands."""
   root, env = fake_cloud
-  launch = _lines("tpu_vm.sh", *V5P, "run", "--", "--config.train.num_steps=100", env=env)
+  launch = _lines("tpu_vm.sh", *V5P, f"--libtpu_init_args={planning.NO_WINDOWED_EINSUM}", "run",
+                  "--", "--config.train.num_steps=100", env=env)
+  assert f"set -- env {shlex.quote('LIBTPU_INIT_ARGS=' + planning.NO_WINDOWED_EINSUM)} python3 " \
+      in _ssh(launch)[-1]
   record_line = next(line for line in launch if "tpu_vm.args" in line)
   subprocess.run(["bash", "-c", record_line], env=env, check=True)  # the upload, to the fake GCS
   assert (root / "gcs/my-bucket/runs/ng-v5p/tpu_vm.args").is_file()
@@ -339,6 +344,7 @@ def test_tpu_vm_resume_dry_run_reuses_the_launch(fake_cloud):
   assert shlex.join([*TPU, "delete", "ng-v5p", *WHERE, "--quiet"]) in resume[0]
   up = _lines("tpu_vm.sh", *V5P, "up", env=env)
   assert resume[1:1 + len(up)] == up
+  # The same commands, the libtpu flags included.
   same_time = lambda line: re.sub(r"/logs/\d{8}-\d{6}Z;", "/logs/T;", line)
   assert [same_time(line) for line in resume[1 + len(up):]] == [same_time(line) for line in launch]
 
@@ -678,7 +684,8 @@ def test_tpu_vm_real_trainer_on_the_fake_slice(fake_cloud, corpus_shards, tmp_pa
   workdir = tmp_path / "run"
   flags = [f"--name={name}", "--project=p", "--zone=z", "--accelerator_type=v5e-8",
            "--runtime_version=v2-alpha-tpuv5-lite", f"--workdir={workdir}", "--install=true",
-           f"--python={sys.executable}", "--config=configs/pretrain.py:tiny"]
+           f"--python={sys.executable}", "--config=configs/pretrain.py:tiny",
+           "--libtpu_init_args=--xla_tpu_enable_windowed_einsum_for_all_gather=false"]
   train = [f"--config.data.shards_dir={corpus_shards}", "--config.model.patch_length=64",
            "--config.data.batch_size=4", "--config.data.num_threads=0",
            "--config.train.num_steps=2", "--config.train.log_every=1",
@@ -698,4 +705,5 @@ def test_tpu_vm_real_trainer_on_the_fake_slice(fake_cloud, corpus_shards, tmp_pa
   assert [row["step"] for row in rows if row["split"] == "train"] == [1, 2]
   [log] = (workdir / "logs").glob("*/*.log")  # the worker's own copy, at the end
   assert "process 0 of 1, 1 devices" in log.read_text()
+  assert "LIBTPU_INIT_ARGS=--xla_tpu_enable_windowed_einsum_for_all_gather=false" in log.read_text()
   assert log.read_text().rstrip().endswith("exit status 0")

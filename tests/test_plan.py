@@ -1,4 +1,5 @@
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -145,16 +146,38 @@ def test_plan_compiles_the_train_step_for_a_tpu_slice(config):
   assert 0.8 < estimate / xla < 1.25
 
 
-@pytest.mark.slow  # a 32-device compile: runs in CI's second pass
+def _peak_mib(out):
+  return _figure(out, "peak ") * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[
+      out.split("peak ")[1].split()[1]]
+
+
+@pytest.mark.slow  # two 32-device compiles: runs in CI's second pass
 def test_plan_says_when_xla_counts_collective_matmul_loops_once():
   # fsdp=32: XLA:TPU turns the sharded matmuls and their all-gathers / reduce-scatters into
-  # windowed-einsum loops, whose bodies its cost analysis counts once.
-  run = _plan_cli("--config=configs/pretrain.py:tiny", "--devices=v5p-64", "--compile",
-                  "--config.data.per_device_batch_size=1", "--config.data.batch_size=0")
+  # windowed-einsum loops, whose bodies its cost analysis counts once and whose float32 outputs
+  # stay unfused; the libtpu flags plan names compile the same step without them.
+  args = ("--config=configs/pretrain.py:tiny", "--devices=v5p-64", "--compile",
+          "--config.data.per_device_batch_size=1", "--config.data.batch_size=0",
+          "--config.model.remat=True")
+  run = _plan_cli(*args)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "xla flops   >= " in run.stdout
   loops = int(run.stdout.split("XLA counts each of its ")[1].split()[0])
   assert loops >= 1
+  flags = run.stdout.split("LIBTPU_INIT_ARGS='")[1].split("'")[0]
+  assert flags == planning.NO_WINDOWED_EINSUM
+  without = subprocess.run([sys.executable, "-m", "notagen_jax.plan", *args], cwd=REPO,
+                           capture_output=True, text=True,
+                           env={**os.environ, "LIBTPU_INIT_ARGS": flags})
+  assert without.returncode == 0, without.stderr[-2000:]
+  assert "collective-matmul" not in without.stdout and "xla flops   >= " not in without.stdout
+  # Counted whole, the step's FLOPs are v5p-8's at the same rows per device.
+  v5p_8 = _plan_cli(*(a.replace("v5p-64", "v5p-8") for a in args))
+  assert v5p_8.returncode == 0, v5p_8.stderr[-2000:]
+  assert _figure(without.stdout, "xla flops   ") == pytest.approx(
+      _figure(v5p_8.stdout, "xla flops   "), rel=0.01)
+  # The loops' unfused outputs: 67 MiB with them, 28 MiB without (v5p-8: 32 MiB).
+  assert _peak_mib(without.stdout) < 0.6 * _peak_mib(run.stdout)
 
 
 def test_plan_refuses_a_step_that_does_not_fit():
