@@ -465,8 +465,8 @@ def format_plan(p: Plan) -> str:
         lines.append(f"            (XLA counts each of its {x.windowed_loops} collective-matmul "
                      "loops once: windowed einsums over the fsdp axis)")
   if p.compiled and p.compiled.windowed_loops:
-    lines.append(f"note        the collective-matmul loops overlap the fsdp all-gathers with the "
-                 f"matmuls but keep their float32 outputs unfused, which costs memory; "
+    lines.append("note        the collective-matmul loops overlap the fsdp all-gathers with the "
+                 "matmuls but keep their float32 outputs unfused, which costs memory; "
                  f"LIBTPU_INIT_ARGS='{NO_WINDOWED_EINSUM}' compiles without them")
   lines.append(f"flops/step  {p.flops_per_step:.4g} (3 x forward x {c.data.batch_size} rows"
                + (" x 2 for chosen + rejected" if c.mode == "dpo" else "") + ")")
