@@ -73,8 +73,9 @@ if [[ "$dry_run" == 0 ]]; then
 quickstart finished in $((SECONDS - start)) s
   data:            $run/data (report.json, shards)
   models:          $run/pretrain, $run/finetune (TensorBoard: tensorboard --logdir=$run)
-  CLaMP-DPO:       $run/dpo/summary.txt, $run/dpo/score.png
-  pieces:          $run/pieces (*.abc, *.unreduced.abc, *.xml, *.mid)
+  CLaMP-DPO:       $run/dpo/report.html (open it in a browser), $run/dpo/summary.txt
+  pieces:          $run/pieces/index.html (scores, audio; *.abc, *.xml, *.mid beside it)
+  demo:            python -m notagen_jax.demo --checkpoint=$final --known_prompts=$run/data
   PyTorch NotaGen: $run/notagen_tiny.pth
 DONE
   cat "$run/dpo/summary.txt"
