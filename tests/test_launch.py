@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
 
 import pytest
 
@@ -707,3 +708,37 @@ def test_tpu_vm_real_trainer_on_the_fake_slice(fake_cloud, corpus_shards, tmp_pa
   assert "process 0 of 1, 1 devices" in log.read_text()
   assert "LIBTPU_INIT_ARGS=--xla_tpu_enable_windowed_einsum_for_all_gather=false" in log.read_text()
   assert log.read_text().rstrip().endswith("exit status 0")
+
+
+# The README's first command, run for real with fewer chorales (about 15 minutes on 2 cores: the
+# training steps and the CLaMP-DPO loop as documented), hence slow.
+@pytest.mark.slow
+def test_quickstart_runs_the_recipe_and_a_rerun_skips_it(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "quickstart"
+  env = _env(PYTHON=sys.executable)
+  done = subprocess.run(["bash", str(LAUNCH / "quickstart.sh"), str(run), "--pieces=40"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  summary = done.stdout.split("quickstart finished in ")[1]
+  for shown in (f"{run}/dpo/report.html", f"{run}/pieces/index.html", f"{run}/notagen_tiny.pth"):
+    assert shown in summary and pathlib.Path(shown).is_file(), shown
+  table = [line.split() for line in summary.splitlines() if line[:1] == " " and
+           line.split()[0].isdigit()][-3:]
+  assert [row[0] for row in table] == ["0", "1", "2"]
+  assert all(float(row[2]) == 1.0 for row in table)  # every sample valid: constrained
+  pieces = [json.loads(line) for line in (run / "pieces/pieces.jsonl").read_text().splitlines()]
+  assert len(pieces) == 8 and all(p["ok"] and not p["errors"] for p in pieces)
+  assert (run / "pieces/index.html").read_text().count('<section class="piece"') == 8
+  assert len(list((run / "pieces").glob("*.page1.svg"))) == 8
+  report = (run / "dpo/report.html").read_text()
+  images = re.findall(r'<img src="([^"]+)"', report)
+  assert images and all((run / "dpo" / urllib.parse.unquote(src)).is_file() for src in images)
+  assert '<h2 id="iteration_1">Iteration 1</h2>' in report
+  exported = torch.load(run / "notagen_tiny.pth", weights_only=True)
+  torch_reference.from_state_dict(exported["model"])  # strict
+  rerun = subprocess.run(["bash", str(LAUNCH / "quickstart.sh"), str(run), "--pieces=40"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert rerun.stdout.count("== done already: ") == 6
