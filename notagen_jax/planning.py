@@ -320,7 +320,8 @@ class Compiled:
   target: str  # "cpu" or the topology name
   seconds: float  # lowering + XLA compilation
   memory: dict[str, float]  # argument / output / alias / temp / peak bytes
-  flops: float | None  # XLA's cost analysis of one step; None where the backend gives none
+  # XLA's cost analysis of one step; None where the backend gives none or the layers are scanned.
+  flops: float | None
   # While loops XLA:TPU made of sharded matmuls and their collectives (windowed einsums, on large
   # fsdp axes): the cost analysis counts each body once, so `flops` is then a lower bound.
   windowed_loops: int = 0
@@ -385,7 +386,9 @@ def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
   flops = cost.get("flops") if cost else None
   windowed = len(re.findall(r" while\(.*condition=%[\w.-]*windowed_dot_general",
                             compiled.as_text()))
-  return Compiled(target.name, seconds, memory, flops if flops and flops > 0 else None, windowed)
+  # XLA's cost analysis counts a scanned layer's body once: no figure for the whole step then.
+  whole = flops and flops > 0 and not c.model.scan_layers
+  return Compiled(target.name, seconds, memory, flops if whole else None, windowed)
 
 
 _FIT_ADVICE = ("--config.model.remat=True, a larger fsdp axis (--mesh) or fewer rows per device "
@@ -464,10 +467,10 @@ def format_plan(p: Plan) -> str:
       if x.windowed_loops:
         lines.append(f"            (XLA counts each of its {x.windowed_loops} collective-matmul "
                      "loops once: windowed einsums over the fsdp axis)")
-  if p.compiled and p.compiled.windowed_loops:
-    lines.append("note        the collective-matmul loops overlap the fsdp all-gathers with the "
-                 "matmuls but keep their float32 outputs unfused, which costs memory; "
-                 f"LIBTPU_INIT_ARGS='{NO_WINDOWED_EINSUM}' compiles without them")
+    if x.windowed_loops:
+      lines.append("note        the collective-matmul loops overlap the fsdp all-gathers with the "
+                   "matmuls but keep their float32 outputs unfused, which costs memory; "
+                   f"LIBTPU_INIT_ARGS='{NO_WINDOWED_EINSUM}' compiles without them")
   lines.append(f"flops/step  {p.flops_per_step:.4g} (3 x forward x {c.data.batch_size} rows"
                + (" x 2 for chosen + rejected" if c.mode == "dpo" else "") + ")")
   if p.step_seconds:

@@ -360,8 +360,10 @@ class Piece:
     characters at most)."""
     if not (self.in_body and self.text and self.text[-1].endswith("\n")):
       return False
-    text = self.prompt + "".join(self.text)
-    return not _ends_in_volta(text[text.rfind("\n", 0, len(text) - 1) + 1:])
+    # The line's last character is in its last patch or, when that holds only the `\n`, the one
+    # before (a body line's first patch starts with `[r:`).
+    tail = "".join(self.text[-2:])
+    return not _ends_in_volta(tail[tail.rfind("\n", 0, len(tail) - 1) + 1:])
 
   def append(self, text: str):
     """A generated patch's text; the body starts with the first patch that starts `[r:`."""
