@@ -4,6 +4,7 @@ not how fast it is)."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -34,8 +35,10 @@ def test_accelerator_throughput_prints_a_row_for_each_spec(tmp_path):
 
 
 def _run(args, timeout=900):
-  """A benchmark script as documented (from the repo root), its output."""
-  env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+  """A benchmark script as documented (from the repo root, the machine's own devices), its
+  output."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = str(BENCHMARKS.parent)
   done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS.parent, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -74,3 +77,74 @@ def test_generate_scaling_draws_the_same_pieces_in_every_layout():
   assert [row[:2] for row in rows] == [["1", "1"], ["1", "2"], ["2", "1"]]
   assert all(float(row[2]) > 0 for row in rows)
   assert len({(row[4], row[5]) for row in rows}) == 1  # the same characters, the same texts
+
+
+def _table_rows(out, first):
+  """The rows of a printed table whose lines start with one of `first`, split on whitespace."""
+  return [line.split() for line in out.splitlines() if line.split()[:1] and
+          line.split()[0] in first]
+
+
+@pytest.mark.slow  # a tiny step compiled for v5p-8 through libtpu
+def test_tpu_compile_prints_a_row_per_config_with_no_flops_for_scanned_layers():
+  out = _run(["benchmarks/tpu_compile.py", "--runs=pretrain.py:tiny", "--slices=v5p-8",
+              "--remat=false"])
+  [row] = [line.strip("|").split("|") for line in out.splitlines()
+           if line.startswith("| pretrain.py:tiny")]
+  cells = [cell.strip() for cell in row]
+  assert cells[:5] == ["pretrain.py:tiny", "v5p-8", "-", "scanned", "1x4x1"]
+  assert float(cells[6]) >= 0 and cells[8].endswith("%")
+  assert cells[9] == "n/a"  # XLA's cost analysis counts a scanned layer once
+
+
+@pytest.mark.slow  # compiles the C++ kernels and one block's products
+def test_cpu_matmul_throughput_prints_every_implementation_per_row_count():
+  out = _run(["benchmarks/cpu_matmul_throughput.py", "--rows=1,2", "--layers=1", "--repeats=2"])
+  rows = _table_rows(out, ("1", "2"))
+  assert [row[0] for row in rows] == ["1", "2"]
+  for row in rows:  # five implementations (ms and GB/s each), then the two ratios
+    assert len(re.findall(r"GB/s", " ".join(row))) == 5
+    assert row[-1].endswith("x") and row[-2].endswith("x")
+
+
+@pytest.mark.slow  # the tiny model's step in both implementations
+def test_model_throughput_compares_each_implementation_with_torch():
+  out = _run(["benchmarks/model_throughput.py", "--sizes=tiny", "--repeats=1"])
+  rows = [line.split(maxsplit=2) for line in out.splitlines() if line.startswith("tiny ")]
+  assert [" ".join(row[1:2] + row[2].split()[:1]) for row in rows] == [
+      "torch (sdpa)", "jax unpacked", "jax packed"]
+  assert rows[0][2].split()[3] == "1.00x"
+
+
+@pytest.mark.slow  # prepares four pieces of music21's corpus, builds shards, one small step
+def test_data_throughput_prints_each_stage_and_the_ratio():
+  out = _run(["benchmarks/data_throughput.py", "--pieces=4", "--batches=2"])
+  for stage in ("prepare (all cores)", "shard build (1 process)", "loader (batch 8 x 2048)",
+                "small model fwd+bwd"):
+    assert any(line.startswith(stage) for line in out.splitlines()), stage
+  assert "4 prepared, 0 failed" in out
+  assert re.search(r"loader / model consumption = [\d,]+x", out)
+
+
+@pytest.mark.slow  # the small model's sampler, PyTorch's loop for one patch, constrained too
+def test_generate_throughput_prints_both_tables():
+  out = _run(["benchmarks/generate_throughput.py", "--cases=short", "--batches=1",
+              "--baseline-patches=1", "--torch-threads=2"])
+  [row] = _table_rows(out, ("short",))
+  assert row[1:3] == ["1", "float32"] and row[5].endswith("x")
+  out = _run(["benchmarks/generate_throughput.py", "--only=constrained", "--batches=1"])
+  [row] = _table_rows(out, ("1",))
+  assert len(row) == 10 and row[3].endswith("x") and row[6].endswith("x")
+
+
+@pytest.mark.slow  # tiny and small steps, and three DPO steps, on short pieces
+def test_train_throughput_prints_every_step_and_the_dpo_comparison():
+  out = _run(["benchmarks/train_throughput.py", "--steps=1", "--dpo-steps=1",
+              "--small-patches=64", "--dpo-chosen=32", "--dpo-rejected=32"])
+  steps = [line[:48].strip() for line in out.splitlines()
+           if line.startswith(("tiny pretrain", "small pretrain", "small DPO"))]
+  assert steps == ["tiny pretrain (jax, packed)", "small pretrain (jax, packed)",
+                   "small DPO jax: precomputed ref + char packing",
+                   "small DPO jax: reference forward each step",
+                   "small DPO torch: original step (eager attn)"]
+  assert "DPO step per pair, same run" in out
