@@ -192,11 +192,13 @@ class JaxStep(Timed):
   """The trainer's jitted, donated train step on a fixed batch; `run()` times one step."""
 
   def __init__(self, config, batch: dict):
+    import jax  # pylint: disable=import-outside-toplevel
     from notagen_jax import sharding  # pylint: disable=import-outside-toplevel
     from notagen_jax import trainer  # pylint: disable=import-outside-toplevel
     # A DPO config with precompute_reference off needs init_checkpoint: build_setup keeps the
-    # reference params only when it loads one.
-    self.setup = trainer.build_setup(config)
+    # reference params only when it loads one. One device, as the PyTorch step it is compared to,
+    # whatever the host has (a host with several gets its first).
+    self.setup = trainer.build_setup(config, devices=jax.devices()[:1])
     self.step = trainer.make_train_step(self.setup)
     self.state = self.setup.state
     self.batch = sharding.global_batch(batch, self.setup.mesh)

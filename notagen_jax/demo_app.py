@@ -9,6 +9,7 @@ piece as `report` shows it. Every file a job writes lies under the output folder
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import http.server
 import json
@@ -16,7 +17,7 @@ import mimetypes
 import threading
 import time
 import urllib.parse
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from etils import epath
 
@@ -41,10 +42,24 @@ class Job:
   html: str = ""
 
 
-def choices(combinations: Iterable[generation.Combination]) -> dict[str, dict[str, list[str]]]:
-  """period -> composer -> instrumentations: each menu offers only what the ones before allow."""
+def choices(combinations: Iterable[generation.Combination] | Mapping[generation.Combination, int]
+            ) -> dict[str, dict[str, list[str]]]:
+  """period -> composer -> instrumentations: each menu offers only what the ones before allow.
+
+  Given pieces per combination (`generation.known_combinations`), each menu lists the choice with
+  the most pieces first, so the page opens on the prompt the model saw most; else alphabetically.
+  """
+  counts = combinations if isinstance(combinations, Mapping) else dict.fromkeys(combinations, 1)
+  pieces: collections.Counter[tuple[str, ...]] = collections.Counter()  # under each menu's choice
+  for combination, n in counts.items():
+    for depth in (1, 2, 3):
+      pieces[combination[:depth]] += n
+
+  def rank(combination):
+    return [(-pieces[combination[:depth]], combination[depth - 1]) for depth in (1, 2, 3)]
+
   tree: dict[str, dict[str, list[str]]] = {}
-  for period, composer, instrumentation in sorted(combinations):
+  for period, composer, instrumentation in sorted(counts, key=rank):
     tree.setdefault(period, {}).setdefault(composer, []).append(instrumentation)
   return tree
 
@@ -53,11 +68,12 @@ class Demo:
   """Generation jobs of one model into `out_dir`, prompts limited to `combinations`."""
 
   def __init__(self, model: model_lib.NotaGen, out_dir: epath.PathLike,
-               combinations: Iterable[generation.Combination], weights_dtype: str | None = None):
+               combinations: Iterable[generation.Combination] | Mapping[generation.Combination, int],
+               weights_dtype: str | None = None):
     self.model, self.weights_dtype = model, weights_dtype
     self.out = storage.path(out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
-    self.known = set(combinations)
+    self.known = combinations if isinstance(combinations, Mapping) else set(combinations)
     self.jobs: dict[int, Job] = {}
     self._generating = threading.Lock()
 

@@ -8,6 +8,7 @@ beside it, and gathers the records of a run into `pieces.jsonl`. With several pr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import json
@@ -29,16 +30,17 @@ from notagen_jax.data import tokenizer
 Combination = tuple[str, str, str]
 
 
-def known_combinations(prepared_dir: epath.PathLike) -> set[Combination]:
-  """The (period, composer, instrumentation) prompts of a prepared corpus (what it fine-tunes on)."""
+def known_combinations(prepared_dir: epath.PathLike) -> collections.Counter[Combination]:
+  """The (period, composer, instrumentation) prompts of a prepared corpus (what it fine-tunes on),
+  each with its number of pieces."""
   pieces = storage.path(prepared_dir) / "pieces"
   if not pieces.is_dir():
     raise FileNotFoundError(f"{prepared_dir}: not a prepared corpus (no pieces/ folder)")
-  found = set()
+  found = collections.Counter()
   for path in pieces.glob("*/*.json"):
     record = json.loads(path.read_text())
     if record.get("prompt"):
-      found.add(tuple(record[field] for field in corpus.PROMPT_FIELDS))
+      found[tuple(record[field] for field in corpus.PROMPT_FIELDS)] += 1
   return found
 
 

@@ -34,10 +34,12 @@ def test_accelerator_throughput_prints_a_row_for_each_spec(tmp_path):
   assert rows[5]["pieces_per_s"] > 0 and rows[5]["chars_per_s"] > 0
 
 
-def _run(args, timeout=900):
-  """A benchmark script as documented (from the repo root, the machine's own devices), its
-  output."""
+def _run(args, timeout=900, devices=None):
+  """A benchmark script as documented (from the repo root, the machine's own devices or
+  `devices` forced host devices), its output."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = str(BENCHMARKS.parent)
   done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS.parent, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -139,8 +141,9 @@ def test_generate_throughput_prints_both_tables():
 
 @pytest.mark.slow  # tiny and small steps, and three DPO steps, on short pieces
 def test_train_throughput_prints_every_step_and_the_dpo_comparison():
+  # On a host with several devices (a GPU node's 8) the steps take the first, as PyTorch's does.
   out = _run(["benchmarks/train_throughput.py", "--steps=1", "--dpo-steps=1",
-              "--small-patches=64", "--dpo-chosen=32", "--dpo-rejected=32"])
+              "--small-patches=64", "--dpo-chosen=32", "--dpo-rejected=32"], devices=8)
   steps = [line[:48].strip() for line in out.splitlines()
            if line.startswith(("tiny pretrain", "small pretrain", "small DPO"))]
   assert steps == ["tiny pretrain (jax, packed)", "small pretrain (jax, packed)",

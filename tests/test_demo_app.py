@@ -49,6 +49,18 @@ def test_choices_offer_only_known_combinations():
       "Classical": {"Mozart": ["Keyboard"]}}
 
 
+def test_choices_list_the_most_pieces_first():
+  pieces = {BACH: 5, ("Baroque", "Bach, Johann Sebastian", "Keyboard"): 6,
+            ("Baroque", "Handel", "Organ"): 10, ("Classical", "Mozart", "Keyboard"): 20,
+            ("Classical", "Haydn", "Keyboard"): 2}
+  tree = demo_app.choices(pieces)
+  # Classical's 22 pieces before Baroque's 21, Bach's 11 before Handel's 10, Keyboard's 6 before
+  # Choral's 5.
+  assert list(tree) == ["Classical", "Baroque"]
+  assert list(tree["Classical"]) == ["Mozart", "Haydn"]
+  assert tree["Baroque"] == {"Bach, Johann Sebastian": ["Keyboard", "Choral"], "Handel": ["Organ"]}
+
+
 def _generate(browser, url, prompt, **fields):
   browser.get(url)
   menus = [Select(browser.find_element(By.ID, field))
@@ -149,10 +161,14 @@ def test_an_uploaded_score_keeps_its_own_header(tiny, tmp_path):
 
 
 def test_entry_point_serves_the_page(golden_dir, tmp_path):
-  """`python -m notagen_jax.demo` as documented, on a free port: the page offers the prompts."""
-  record = dict(zip(corpus.PROMPT_FIELDS, BACH), prompt=True)
-  (tmp_path / "prepared" / "pieces" / "bwv1").mkdir(parents=True)
-  (tmp_path / "prepared" / "pieces" / "bwv1" / "0.json").write_text(json.dumps(record))
+  """`python -m notagen_jax.demo` as documented, on a free port: the page offers the prepared
+  corpus's prompts, the one with the most pieces first."""
+  mozart = ("Classical", "Mozart", "Keyboard")
+  for name, combination, prompt in (("bwv1", BACH, True), ("k331", mozart, True),
+                                    ("k545", mozart, True), ("bwv2", BACH, False)):
+    (tmp_path / "prepared" / "pieces" / name).mkdir(parents=True)
+    record = dict(zip(corpus.PROMPT_FIELDS, combination), prompt=prompt)
+    (tmp_path / "prepared" / "pieces" / name / "0.json").write_text(json.dumps(record))
   demo = subprocess.Popen(
       [sys.executable, "-m", "notagen_jax.demo", f"--checkpoint={golden_dir / 'tiny.pth'}",
        f"--known_prompts={tmp_path / 'prepared'}", f"--output={tmp_path / 'out'}", "--port=0"],
@@ -161,7 +177,10 @@ def test_entry_point_serves_the_page(golden_dir, tmp_path):
     line = demo.stdout.readline()
     assert line.startswith("demo: http://127.0.0.1:"), line
     page = urllib.request.urlopen(line.split()[1], timeout=30).read().decode()
-    assert all(field in page for field in BACH)
+    tree = json.loads(page.split("const tree = ", 1)[1].split(";\n", 1)[0])
+    assert tree == {"Classical": {"Mozart": ["Keyboard"]},
+                    "Baroque": {"Bach, Johann Sebastian": ["Choral"]}}
+    assert list(tree) == ["Classical", "Baroque"]
   finally:
     demo.terminate()
     demo.wait(timeout=30)
