@@ -6,8 +6,9 @@
 each parameter by the config's logical-axis rules (`sharding.logical_spec` against the mesh's axis
 sizes; no devices needed). Activations are an analytic estimate (`activation_bytes`, formula in
 its docstring). `compile_step` compiles the real train step ahead of time, for this machine's CPU
-devices or for a Cloud TPU slice described by libtpu (`pip install "jax[tpu]"`, no TPU needed, as
-MaxText's `train_compile.py`), and reports XLA's memory and cost analysis beside the estimates.
+devices, for a Cloud TPU slice described by libtpu (`pip install "jax[tpu]"`, no TPU needed, as
+MaxText's `train_compile.py`) or for GPU nodes described to XLA:GPU (JAX's CUDA plugin, no GPU
+needed), and reports XLA's memory and cost analysis beside the estimates.
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ class Topology:
   n_hosts: int
   device_kind: str  # a trainer.PEAK_FLOPS key; "" when unknown
   hbm_bytes: float  # memory per device; 0 when unknown
+  # The share of it a run may allocate (GPUs: JAX's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION)
+  memory_fraction: float = 1.0
 
   @property
   def peak_flops(self) -> float | None:
     return trainer.PEAK_FLOPS.get(self.device_kind)
+
+  @property
+  def usable_bytes(self) -> float:
+    return self.hbm_bytes * self.memory_fraction
 
 
 # name prefix -> (device_kind, HBM bytes per chip, the name counts cores (2 per chip),
@@ -85,7 +92,9 @@ def topology(name: str) -> Topology:
   if m := re.fullmatch(r"(h100|h200|a100)x(\d+)", name):
     kind, memory, per_node = _GPUS[m[1]]
     n = int(m[2])
-    return Topology(name, n, -(-n // per_node), kind, memory)
+    # JAX's default share unless set (launch/gpu_slurm.sh sets 0.90).
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
+    return Topology(name, n, -(-n // per_node), kind, memory, fraction)
   raise ValueError(f"devices {name!r}: expected v4-N, v5p-N, v5e-N, v6e-N, h100xN, h200xN, "
                    "a100xN or cpu")
 
@@ -129,6 +138,53 @@ def tpu_devices(t: Topology) -> list[Any]:
     raise ValueError(f"devices {t.name!r}: libtpu could not describe the slice ({error}); "
                      "install it with pip install \"jax[tpu]==" + jax.__version__ + "\"") from None
   return list(desc.devices)
+
+
+# What XLA:GPU compiles for, per GPU (the datasheets' SXM parts): SMs, compute capability, memory
+# bandwidth (bytes/s), L2 bytes, boost clock (GHz), shared memory per SM and per block (opt-in),
+# FP32 lanes per SM. Memory per GPU is _GPUS'.
+_GPU_SPECS = {
+    "h100": (132, 9, 3.35e12, 50 * 2**20, 1.98, 228 * 2**10, 227 * 2**10, 128),
+    "h200": (132, 9, 4.8e12, 50 * 2**20, 1.98, 228 * 2**10, 227 * 2**10, 128),
+    "a100": (108, 8, 2.039e12, 40 * 2**20, 1.41, 164 * 2**10, 163 * 2**10, 64),
+}
+
+
+def gpu_devices(t: Topology) -> list[Any]:
+  """The devices of GPU nodes `t` as XLA:GPU describes them from the GPU's specifications, for
+  compiling on any host; needs JAX's CUDA plugin but no GPU or CUDA libraries (`pip install
+  "jax[cuda12-local]"`). cuDNN 9.8 (the oldest JAX's CUDA 12 plugin takes) and CUDA 12.8.
+
+  Each node (8 GPUs) is one NVLink domain; XLA compiles without autotuning, so matmul tilings
+  may differ from a run's, not the program's buffers.
+  """
+  generation = t.name.split("x")[0]
+  _, _, per_node = _GPUS[generation]
+  sms, capability, bandwidth, l2, clock, smem_per_sm, smem_per_block, lanes = _GPU_SPECS[generation]
+  target = f"""
+    gpu_device_info {{
+      threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+      shared_memory_per_core: {smem_per_sm} shared_memory_per_block_optin: {smem_per_block}
+      threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {lanes}
+      block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+      memory_bandwidth: {int(bandwidth)} l2_cache_size: {l2} clock_rate_ghz: {clock}
+      device_memory_size: {int(t.hbm_bytes)} registers_per_core_limit: 65536
+      registers_per_block_limit: 65536 cuda_compute_capability {{ major: {capability} }}
+    }}
+    platform_name: "CUDA"
+    dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 12 minor: 8 }}
+    device_description_str: "{t.device_kind}"
+  """
+  nodes = -(-t.n_devices // per_node)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", target_config=target,
+                                        topology=f"{nodes}x1x{min(t.n_devices, per_node)}")
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"devices {t.name!r}: XLA could not describe the GPUs ({error}); compiling "
+                     "for GPUs on this host needs JAX's CUDA plugin, not a GPU: pip install "
+                     f"\"jax[cuda12-local]=={jax.__version__}\"") from None
+  return list(desc.devices)[:t.n_devices]
 
 
 def fake_mesh(shape: Sequence[int]) -> Any:
@@ -186,8 +242,9 @@ def activation_bytes(cfg: model_lib.ModelConfig, rows: int, patch_length: int,
   An estimate of the program as written, without fusion: XLA:CPU compiles it within 20% of this;
   XLA:TPU fuses the one-hot inputs, the softmax and the elementwise chains away and needs 2-3x
   less (and rematerializes on its own near the HBM limit), so `compile_step`'s figure is the one
-  that decides whether a TPU run fits. With s the compute dtype's bytes, H hidden, N heads, V vocab, P patch size, and
-  d = 1 when dropout is on (else 0), a GPT-2 block over T tokens with S keys saves per token
+  that decides whether a TPU or GPU run fits. With s the compute dtype's bytes, H hidden, N heads,
+  V vocab, P patch size, and d = 1 when dropout is on (else 0), a GPT-2 block over T tokens with S
+  keys saves per token
       16 H s        (ln_1 in, ln_1 out, q, k, v, attention out, ln_2 in, ln_2 out, fc 4H, gelu 4H)
     + 2 H 4 d       (two residual dropout masks, kept as the uint32 random bits they come from)
     + N S (4 + d (4 + s))   (float32 softmax probs; with dropout its bits and the dropped probs)
@@ -275,7 +332,7 @@ def plan(c: ml_collections.ConfigDict, devices: str | None = None,
   """The plan of config `c` on `devices` (a topology name) and/or `mesh` (may hold one -1).
 
   `compile` (default: only for `cpu`) also compiles the real train step for the devices: this
-  machine's CPU, or a TPU slice through libtpu.
+  machine's CPU, a TPU slice through libtpu or GPU nodes through JAX's CUDA plugin.
   """
   if devices is None and mesh is None:
     devices = "cpu"
@@ -307,9 +364,9 @@ def plan(c: ml_collections.ConfigDict, devices: str | None = None,
   if compile is None:
     compile = topo is not None and topo.name == "cpu"
   if compile:
-    if topo is None or not (topo.name == "cpu" or topo.name.startswith(tuple(_TPUS))):
-      raise ValueError("compiling needs --devices=cpu or a TPU slice (v5p-8, v5e-16, ...); GPUs "
-                       "compile only where they are")
+    if topo is None:
+      raise ValueError("compiling needs --devices (cpu, a TPU slice or GPU nodes), not a --mesh "
+                       "alone")
     result.compiled = compile_step(c, resolved, topo)
   return result
 
@@ -348,8 +405,11 @@ def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
                  target: Topology) -> Compiled:
   """Lowers and compiles the trainer's jitted train step (pre-training, fine-tuning or DPO, with
   `c`'s remat and layer settings) for `target`'s devices without running or allocating anything:
-  this machine's CPU devices, or a TPU slice through libtpu."""
-  devices = jax.devices("cpu") if target.name == "cpu" else tpu_devices(target)
+  this machine's CPU devices, a TPU slice through libtpu or GPU nodes through JAX's CUDA plugin."""
+  if target.name == "cpu":
+    devices = jax.devices("cpu")
+  else:
+    devices = gpu_devices(target) if target.name.startswith(tuple(_GPUS)) else tpu_devices(target)
   if len(devices) < math.prod(mesh_shape):
     raise ValueError(f"mesh {tuple(mesh_shape)} needs {math.prod(mesh_shape)} devices, "
                      f"{target.name} has {len(devices)}")
@@ -401,10 +461,12 @@ def check_fits(p: Plan) -> None:
   if p.compiled is None or t is None or not t.hbm_bytes:
     return
   peak = p.compiled.memory["peak"]
-  if peak > t.hbm_bytes:
+  if peak > t.usable_bytes:
+    share = (f" for JAX (XLA_PYTHON_CLIENT_MEM_FRACTION {t.memory_fraction:g})"
+             if t.memory_fraction < 1 else "")
     raise ValueError(
         f"does not fit: the compiled step needs {_bytes(peak)} per device, {t.name} has "
-        f"{_bytes(t.hbm_bytes)}; try {_FIT_ADVICE}")
+        f"{_bytes(t.usable_bytes)}{share}; try {_FIT_ADVICE}")
 
 
 def _bytes(x: float) -> str:
@@ -426,6 +488,9 @@ def format_plan(p: Plan) -> str:
   else:
     where = (f"{t.name}: {t.n_devices} x {t.device_kind} on {t.n_hosts} host(s), "
              f"{_bytes(t.hbm_bytes)} each")
+    if t.memory_fraction < 1:
+      where += (f", {_bytes(t.usable_bytes)} for JAX (XLA_PYTHON_CLIENT_MEM_FRACTION "
+                f"{t.memory_fraction:g})")
   hosts = t.n_hosts if t else 1
   lines = [
       f"plan        {c.mode} {c.model.size} (patch_length {c.model.patch_length}, "
@@ -441,7 +506,8 @@ def format_plan(p: Plan) -> str:
   for label, acts, remat in (("no remat", p.activations, False),
                              ("remat", p.activations_remat, True)):
     total = p.total_bytes(remat)
-    fits = f" of {_bytes(t.hbm_bytes)} ({total / t.hbm_bytes:.0%})" if t and t.hbm_bytes else ""
+    fits = (f" of {_bytes(t.usable_bytes)} ({total / t.usable_bytes:.0%})" if t and t.hbm_bytes
+            else "")
     lines.append(f"{label:<11} activations {_bytes(acts['total'])} (patch blocks "
                  f"{_bytes(acts['patch_blocks'])}, char blocks {_bytes(acts['char_blocks'])}"
                  + (f", one block recomputed {_bytes(acts['recompute'])}" if remat else "")
@@ -451,7 +517,7 @@ def format_plan(p: Plan) -> str:
     x = p.compiled
     m, remat = x.memory, c.model.remat
     estimate = p.total_bytes(remat)
-    of = f" of {_bytes(t.hbm_bytes)} ({m['peak'] / t.hbm_bytes:.0%})" if t.hbm_bytes else ""
+    of = f" of {_bytes(t.usable_bytes)} ({m['peak'] / t.usable_bytes:.0%})" if t.hbm_bytes else ""
     layers = "scanned" if c.model.scan_layers else "unrolled"
     lines.append(f"compiled    for {x.target} ({'remat' if remat else 'no remat'}, layers "
                  f"{layers}) in {x.seconds:.1f} s: peak {_bytes(m['peak'])} per device{of} "

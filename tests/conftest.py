@@ -40,6 +40,20 @@ def corpus_shards(tmp_path_factory):
   return shards.build_shards(root / "prepared", root / "shards")
 
 
+@pytest.fixture(scope="session")
+def cuda_plugin() -> pathlib.Path:
+  """JAX's CUDA plugin without the CUDA libraries, in a folder of its own that .ci/run installs
+  (beside jax, every JAX process of the tests would try it for a GPU): the GPU compiles put it on
+  their PYTHONPATH."""
+  folder = GOLDEN.parents[1] / "build" / "jax-cuda-plugin"
+  if not folder.is_dir():
+    message = f"JAX's CUDA plugin is not in {folder} (.ci/run installs it there)"
+    if os.environ.get("CI"):
+      pytest.fail(message)
+    pytest.skip(message)
+  return folder
+
+
 @pytest.fixture(scope="module")
 def browser():
   """Debian's Chromium, headless, through its chromedriver (the page tests)."""

@@ -34,13 +34,13 @@ def test_accelerator_throughput_prints_a_row_for_each_spec(tmp_path):
   assert rows[5]["pieces_per_s"] > 0 and rows[5]["chars_per_s"] > 0
 
 
-def _run(args, timeout=900, devices=None):
+def _run(args, timeout=900, devices=None, path=()):
   """A benchmark script as documented (from the repo root, the machine's own devices or
-  `devices` forced host devices), its output."""
+  `devices` forced host devices, `path` on its PYTHONPATH too), its output."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = str(BENCHMARKS.parent)
+  env["PYTHONPATH"] = os.pathsep.join(map(str, [BENCHMARKS.parent, *path]))
   done = subprocess.run([sys.executable, *args], cwd=BENCHMARKS.parent, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -87,16 +87,17 @@ def _table_rows(out, first):
           line.split()[0] in first]
 
 
-@pytest.mark.slow  # a tiny step compiled for v5p-8 through libtpu
-def test_tpu_compile_prints_a_row_per_config_with_no_flops_for_scanned_layers():
-  out = _run(["benchmarks/tpu_compile.py", "--runs=pretrain.py:tiny", "--slices=v5p-8",
-              "--remat=false"])
-  [row] = [line.strip("|").split("|") for line in out.splitlines()
-           if line.startswith("| pretrain.py:tiny")]
-  cells = [cell.strip() for cell in row]
-  assert cells[:5] == ["pretrain.py:tiny", "v5p-8", "-", "scanned", "1x4x1"]
-  assert float(cells[6]) >= 0 and cells[8].endswith("%")
-  assert cells[9] == "n/a"  # XLA's cost analysis counts a scanned layer once
+@pytest.mark.slow  # a tiny step compiled for v5p-8 through libtpu and for h100x8
+def test_compile_targets_prints_a_row_per_config_with_no_flops_for_scanned_layers(cuda_plugin):
+  out = _run(["benchmarks/compile_targets.py", "--runs=pretrain.py:tiny", "--devices=v5p-8,h100x8",
+              "--remat=false"], path=[cuda_plugin])
+  rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+          if line.startswith("| pretrain.py:tiny")]
+  assert [cells[:5] for cells in rows] == [["pretrain.py:tiny", "v5p-8", "-", "scanned", "1x4x1"],
+                                           ["pretrain.py:tiny", "h100x8", "-", "scanned", "1x8x1"]]
+  for cells in rows:
+    assert float(cells[6]) >= 0 and cells[8].endswith("%")  # tiny: 0.0 GiB
+    assert cells[9] == "n/a"  # a scanned layer counted once (TPU); no cost analysis (GPU)
 
 
 @pytest.mark.slow  # compiles the C++ kernels and one block's products

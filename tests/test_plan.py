@@ -69,6 +69,14 @@ def test_topologies():
     planning.topology("tpu-64")
 
 
+def test_a_gpu_run_may_use_jax_s_share_of_its_memory(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert planning.topology("h100x8").usable_bytes == 0.75 * 80e9  # JAX's default share
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert planning.topology("h200x16").usable_bytes == 0.9 * 141e9
+  assert planning.topology("v5p-8").usable_bytes == 95 * 2**30  # a TPU's whole HBM
+
+
 def test_mesh_resolution():
   assert planning.plan(_config("small"), devices="v5p-64").mesh_shape == (1, 32, 1)
   assert planning.plan(_config("small"), devices="h100x8").mesh_shape == (1, 8, 1)
@@ -190,6 +198,50 @@ def test_plan_refuses_a_step_that_does_not_fit():
   error = run.stderr.strip().splitlines()[-1]
   assert error.startswith("plan: does not fit on v5e-4: RESOURCE_EXHAUSTED"), error
   assert "remat" in error
+
+
+def _gpu_plan_cli(cuda_plugin, *args, fraction=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cuda_plugin), env.get("PYTHONPATH")]))
+  if fraction is not None:
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
+  return subprocess.run([sys.executable, "-m", "notagen_jax.plan", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True)
+
+
+def _mib(out, key):
+  amount, unit = out.split(key)[1].split()[:2]
+  return float(amount) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit.rstrip(",);")]
+
+
+@pytest.mark.parametrize("config", ["pretrain.py:tiny", "dpo.py:tiny"])
+def test_plan_compiles_the_train_step_for_gpu_nodes(cuda_plugin, config):
+  # Two nodes of 8 H100s, FSDP over all 16: the compiled step's arguments are each GPU's 1/16 of
+  # the params and AdamW state (and its row), as the planner shards them.
+  run = _gpu_plan_cli(cuda_plugin, f"--config=configs/{config}", "--devices=h100x16", "--compile",
+                      "--config.data.per_device_batch_size=1", "--config.data.batch_size=0",
+                      "--config.model.patch_length=64")
+  print(run.stdout, run.stderr[-2000:])
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert ("h100x16: 16 x NVIDIA H100 on 2 host(s), 74.51 GiB each, 55.88 GiB for JAX "
+          "(XLA_PYTHON_CLIENT_MEM_FRACTION 0.75)") in run.stdout
+  assert "mesh        data=1 fsdp=16 tensor=1" in run.stdout
+  assert "compiled    for h100x16 (no remat, layers unrolled)" in run.stdout
+  state = _mib(run.stdout, "params ") + _mib(run.stdout, "optimizer state ")
+  rows = 2 if config.startswith("dpo") else 1
+  batch = rows * 64 * (16 + 1) * 4 / 2**20  # int32 patches and masks
+  assert _mib(run.stdout, "arguments ") == pytest.approx(state + batch, rel=0.02)
+
+
+def test_plan_refuses_a_gpu_step_beyond_jax_s_share_of_memory(cuda_plugin):
+  # 24 GiB of an 80 GB A100 is JAX's at a fraction of 0.3: not enough for 512 tiny rows per GPU.
+  run = _gpu_plan_cli(cuda_plugin, "--config=configs/pretrain.py:tiny", "--devices=a100x8",
+                      "--compile", "--config.data.batch_size=4096", fraction=0.3)
+  assert run.returncode != 0
+  error = run.stderr.strip().splitlines()[-1]
+  assert error.startswith("plan: does not fit: the compiled step needs "), error
+  assert error.split(" per device, ")[1].startswith(
+      "a100x8 has 22.35 GiB for JAX (XLA_PYTHON_CLIENT_MEM_FRACTION 0.3); try "), error
 
 
 def test_plan_cli_prints_the_plan():

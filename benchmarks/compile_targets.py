@@ -1,13 +1,17 @@
-"""The train step compiled for Cloud TPU slices on this CPU: XLA's memory and FLOPs per device.
+"""The train step compiled for Cloud TPU slices and GPU nodes on this CPU: XLA's memory and FLOPs
+per device.
 
-    python benchmarks/tpu_compile.py --runs=pretrain.py:small,dpo.py:large --slices=v5p-8,v5e-256
+    python benchmarks/compile_targets.py --runs=pretrain.py:small,dpo.py:large --devices=v5p-8
+    python benchmarks/compile_targets.py --devices=h100x8,a100x8 --layers=unrolled
 
-For every config x slice x remat (x layers scanned / unrolled with --layers=both) it runs the
+For every config x devices x remat (x layers scanned / unrolled with --layers=both) it runs the
 planner's ahead-of-time compile (`planning.plan(..., compile=True)`, what
-`python -m notagen_jax.plan --devices=SLICE --compile` prints) and writes one markdown row: the
-mesh, rows per device, compile seconds, XLA's peak memory per device against the planner's
-estimate and the slice's HBM, and XLA's FLOPs per device against 3 x forward. Needs libtpu
-(`pip install "jax[tpu]"`), no TPU. Batches are per data-parallel device (`--rows_per_device`).
+`python -m notagen_jax.plan --devices=DEVICES --compile` prints) and writes one markdown row: the
+mesh, compile seconds, XLA's peak memory per device against the planner's estimate and the memory
+a run may use (a TPU's HBM, JAX's share of a GPU's), and XLA's FLOPs per device against 3 x
+forward (XLA:GPU gives none when compiling without a GPU). TPU slices need libtpu (`pip install
+"jax[tpu]"`), GPU nodes JAX's CUDA plugin (`pip install "jax[cuda12]"`); no TPU or GPU. Batches
+are per data-parallel device (`--rows_per_device`).
 """
 
 import importlib.util
@@ -26,7 +30,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _RUNS = flags.DEFINE_list("runs", ["pretrain.py:small", "pretrain.py:medium", "pretrain.py:large",
                                    "dpo.py:large"], "configs/*.py[:size] to compile.")
-_SLICES = flags.DEFINE_list("slices", ["v5p-8", "v5p-64", "v5e-256"], "TPU slices.")
+_DEVICES = flags.DEFINE_list("devices", ["v5p-8", "v5p-64", "v5e-256"],
+                             "TPU slices and GPU nodes, as plan's --devices names them.")
 _REMAT = flags.DEFINE_list("remat", ["false", "true"], "Remat settings to compile.")
 _LAYERS = flags.DEFINE_enum("layers", "scanned", ["scanned", "unrolled", "both"],
                             "Layer stacks scanned (model.scan_layers) or unrolled.")
@@ -45,18 +50,18 @@ def load_config(spec: str, remat: bool, scan: bool):
   return c
 
 
-def row(spec: str, slice_name: str, remat: bool, scan: bool) -> str:
+def row(spec: str, devices: str, remat: bool, scan: bool) -> str:
   c = load_config(spec, remat, scan)
-  cells = [spec, slice_name, "remat" if remat else "-", "scanned" if scan else "unrolled"]
+  cells = [spec, devices, "remat" if remat else "-", "scanned" if scan else "unrolled"]
   try:
-    p = planning.plan(c, devices=slice_name, compile=True)
+    p = planning.plan(c, devices=devices, compile=True)
   except ValueError as error:
     return "| " + " | ".join(cells + [f"refused: {error}"] + [""] * 6) + " |"
-  x, hbm = p.compiled, p.topology.hbm_bytes
+  x, usable = p.compiled, p.topology.usable_bytes
   mesh = "x".join(map(str, p.mesh_shape))
   estimate_flops = p.flops_per_step / p.n_devices
   cells += [mesh, f"{x.seconds:.0f}", f"{x.memory['peak'] / planning.GiB:.1f}",
-            f"{p.total_bytes(remat) / planning.GiB:.1f}", f"{x.memory['peak'] / hbm:.0%}",
+            f"{p.total_bytes(remat) / planning.GiB:.1f}", f"{x.memory['peak'] / usable:.0%}",
             _flops(x), f"{estimate_flops / 1e12:.1f}"]
   return "| " + " | ".join(cells) + " |"
 
@@ -72,13 +77,13 @@ def main(argv):
   del argv
   machine.print_header()
   jax.config.update("jax_platforms", "cpu")
-  print("| config | slice | remat | layers | mesh (data x fsdp x tensor) | compile s | XLA peak "
-        "GiB/device | estimate GiB | of HBM | XLA TFLOP/device/step | estimate |")
+  print("| config | devices | remat | layers | mesh (data x fsdp x tensor) | compile s | XLA peak "
+        "GiB/device | estimate GiB | of usable memory | XLA TFLOP/device/step | estimate |")
   print("|" + "---|" * 11)
   scans = {"scanned": [True], "unrolled": [False], "both": [False, True]}[_LAYERS.value]
-  for spec, slice_name, remat, scan in itertools.product(_RUNS.value, _SLICES.value, _REMAT.value,
-                                                         scans):
-    print(row(spec, slice_name, remat == "true", scan), flush=True)
+  for spec, devices, remat, scan in itertools.product(_RUNS.value, _DEVICES.value, _REMAT.value,
+                                                      scans):
+    print(row(spec, devices, remat == "true", scan), flush=True)
 
 
 if __name__ == "__main__":
