@@ -32,6 +32,7 @@ from notagen_jax import sharding
 from notagen_jax import trainer
 
 GiB = 2**30
+MiB = 2**20
 DEFAULT_MFU = 0.45
 # libtpu flags that keep XLA:TPU from turning sharded matmuls into collective-matmul loops.
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
@@ -67,11 +68,11 @@ _TPUS = {
     "v5litepod": ("TPU v5 lite", 16 * GiB, False, 4, 8),
     "v6e": ("TPU v6 lite", 32 * GiB, False, 4, 8),
 }
-# name prefix -> (device_kind, memory per GPU, GPUs per node)
+# name prefix -> (device_kind, memory per GPU as nvidia-smi totals it (SXM parts), GPUs per node)
 _GPUS = {
-    "h100": ("NVIDIA H100", 80e9, 8),
-    "h200": ("NVIDIA H200", 141e9, 8),
-    "a100": ("NVIDIA A100", 80e9, 8),
+    "h100": ("NVIDIA H100", 81559 * MiB, 8),
+    "h200": ("NVIDIA H200", 143771 * MiB, 8),
+    "a100": ("NVIDIA A100", 81920 * MiB, 8),
 }
 
 
@@ -144,9 +145,9 @@ def tpu_devices(t: Topology) -> list[Any]:
 # bandwidth (bytes/s), L2 bytes, boost clock (GHz), shared memory per SM and per block (opt-in),
 # FP32 lanes per SM. Memory per GPU is _GPUS'.
 _GPU_SPECS = {
-    "h100": (132, 9, 3.35e12, 50 * 2**20, 1.98, 228 * 2**10, 227 * 2**10, 128),
-    "h200": (132, 9, 4.8e12, 50 * 2**20, 1.98, 228 * 2**10, 227 * 2**10, 128),
-    "a100": (108, 8, 2.039e12, 40 * 2**20, 1.41, 164 * 2**10, 163 * 2**10, 64),
+    "h100": (132, 9, 3.35e12, 50 * MiB, 1.98, 228 * 2**10, 227 * 2**10, 128),
+    "h200": (132, 9, 4.8e12, 50 * MiB, 1.98, 228 * 2**10, 227 * 2**10, 128),
+    "a100": (108, 8, 2.039e12, 40 * MiB, 1.41, 164 * 2**10, 163 * 2**10, 64),
 }
 
 
@@ -470,7 +471,7 @@ def check_fits(p: Plan) -> None:
 
 
 def _bytes(x: float) -> str:
-  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+  for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
     if x >= scale:
       return f"{x / scale:.2f} {unit}"
   return f"{x:.0f} B"

@@ -71,9 +71,9 @@ def test_topologies():
 
 def test_a_gpu_run_may_use_jax_s_share_of_its_memory(monkeypatch):
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-  assert planning.topology("h100x8").usable_bytes == 0.75 * 80e9  # JAX's default share
+  assert planning.topology("h100x8").usable_bytes == 0.75 * 81559 * 2**20  # JAX's default share
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-  assert planning.topology("h200x16").usable_bytes == 0.9 * 141e9
+  assert planning.topology("h200x16").usable_bytes == 0.9 * 143771 * 2**20
   assert planning.topology("v5p-8").usable_bytes == 95 * 2**30  # a TPU's whole HBM
 
 
@@ -223,7 +223,7 @@ def test_plan_compiles_the_train_step_for_gpu_nodes(cuda_plugin, config):
                       "--config.model.patch_length=64")
   print(run.stdout, run.stderr[-2000:])
   assert run.returncode == 0, run.stderr[-2000:]
-  assert ("h100x16: 16 x NVIDIA H100 on 2 host(s), 74.51 GiB each, 55.88 GiB for JAX "
+  assert ("h100x16: 16 x NVIDIA H100 on 2 host(s), 79.65 GiB each, 59.74 GiB for JAX "
           "(XLA_PYTHON_CLIENT_MEM_FRACTION 0.75)") in run.stdout
   assert "mesh        data=1 fsdp=16 tensor=1" in run.stdout
   assert "compiled    for h100x16 (no remat, layers unrolled)" in run.stdout
@@ -234,14 +234,14 @@ def test_plan_compiles_the_train_step_for_gpu_nodes(cuda_plugin, config):
 
 
 def test_plan_refuses_a_gpu_step_beyond_jax_s_share_of_memory(cuda_plugin):
-  # 24 GiB of an 80 GB A100 is JAX's at a fraction of 0.3: not enough for 512 tiny rows per GPU.
+  # 24 GiB of an 80 GiB A100 is JAX's at a fraction of 0.3: not enough for 512 tiny rows per GPU.
   run = _gpu_plan_cli(cuda_plugin, "--config=configs/pretrain.py:tiny", "--devices=a100x8",
                       "--compile", "--config.data.batch_size=4096", fraction=0.3)
   assert run.returncode != 0
   error = run.stderr.strip().splitlines()[-1]
   assert error.startswith("plan: does not fit: the compiled step needs "), error
   assert error.split(" per device, ")[1].startswith(
-      "a100x8 has 22.35 GiB for JAX (XLA_PYTHON_CLIENT_MEM_FRACTION 0.3); try "), error
+      "a100x8 has 24.00 GiB for JAX (XLA_PYTHON_CLIENT_MEM_FRACTION 0.3); try "), error
 
 
 def test_plan_cli_prints_the_plan():
