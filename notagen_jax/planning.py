@@ -94,8 +94,11 @@ def topology(name: str) -> Topology:
     kind, memory, per_node = _GPUS[m[1]]
     n = int(m[2])
     # JAX's default share unless set (launch/gpu_slurm.sh sets 0.90).
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
-    return Topology(name, n, -(-n // per_node), kind, memory, fraction)
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    try:
+      return Topology(name, n, -(-n // per_node), kind, memory, float(fraction))
+    except ValueError:
+      raise ValueError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={fraction!r}: not a number") from None
   raise ValueError(f"devices {name!r}: expected v4-N, v5p-N, v5e-N, v6e-N, h100xN, h200xN, "
                    "a100xN or cpu")
 

@@ -75,6 +75,9 @@ def test_a_gpu_run_may_use_jax_s_share_of_its_memory(monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   assert planning.topology("h200x16").usable_bytes == 0.9 * 143771 * 2**20
   assert planning.topology("v5p-8").usable_bytes == 95 * 2**30  # a TPU's whole HBM
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+  with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='most': not a number"):
+    planning.topology("a100x8")
 
 
 def test_mesh_resolution():
