@@ -154,6 +154,11 @@ _GPU_SPECS = {
 }
 
 
+def gpu_memory_bandwidth(t: Topology) -> float:
+  """Bytes per second each of GPU nodes `t`'s GPUs reads or writes at most (the datasheet's)."""
+  return _GPU_SPECS[t.name.split("x")[0]][2]
+
+
 def gpu_devices(t: Topology) -> list[Any]:
   """The devices of GPU nodes `t` as XLA:GPU describes them from the GPU's specifications, for
   compiling on any host; needs JAX's CUDA plugin but no GPU or CUDA libraries (`pip install
@@ -405,11 +410,11 @@ def _train_batch(c: ml_collections.ConfigDict, cfg: model_lib.ModelConfig) -> di
   return {"patches": ints(rows, length, cfg.patch_size), "masks": ints(rows, length)}
 
 
-def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
-                 target: Topology) -> Compiled:
-  """Lowers and compiles the trainer's jitted train step (pre-training, fine-tuning or DPO, with
-  `c`'s remat and layer settings) for `target`'s devices without running or allocating anything:
-  this machine's CPU devices, a TPU slice through libtpu or GPU nodes through JAX's CUDA plugin."""
+def lower_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
+               target: Topology) -> jax.stages.Lowered:
+  """The trainer's jitted train step (pre-training, fine-tuning or DPO, with `c`'s remat and layer
+  settings) lowered for `target`'s devices without running or allocating anything: this
+  machine's CPU devices, a TPU slice through libtpu or GPU nodes through JAX's CUDA plugin."""
   if target.name == "cpu":
     devices = jax.devices("cpu")
   else:
@@ -430,8 +435,14 @@ def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
                         schedule)
   # The longest packed char rows a step can get: the variant that needs the most memory.
   packed_len = (c.model.patch_length - 1) * cfg.patch_size if cfg.char_packing else None
+  return trainer.make_train_step(setup).lower(state, reference, _train_batch(c, cfg), packed_len)
+
+
+def compile_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
+                 target: Topology) -> Compiled:
+  """`lower_step` compiled: XLA's memory and cost analysis of the step on `target`."""
   start = time.perf_counter()
-  lowered = trainer.make_train_step(setup).lower(state, reference, _train_batch(c, cfg), packed_len)
+  lowered = lower_step(c, mesh_shape, target)
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:

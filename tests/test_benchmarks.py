@@ -100,6 +100,24 @@ def test_compile_targets_prints_a_row_per_config_with_no_flops_for_scanned_layer
     assert cells[9] == "n/a"  # a scanned layer counted once (TPU); no cost analysis (GPU)
 
 
+@pytest.mark.slow  # tiny pre-training and DPO steps compiled for an H100
+def test_gpu_roofline_counts_the_trainer_s_matmul_flops_and_splits_the_step(cuda_plugin):
+  out = _run(["benchmarks/gpu_roofline.py", "--train=tiny:pretrain:bfloat16:2,tiny:dpo:float32:1",
+              "--gpu=h100", "--top=3"], path=[cuda_plugin])
+  heads = re.findall(r"^(tiny:\w+:\w+:\d): \d+ kernels, ([\d.e+-]+) TFLOP of matmuls \(the "
+                     r"trainer counts ([\d.e+-]+)\), roofline ([\d.]+) ms", out, re.M)
+  assert [head[0] for head in heads] == ["tiny:pretrain:bfloat16:2", "tiny:dpo:float32:1"]
+  for _, compiled, counted, _ in heads:
+    # The model's matmuls and a few more: XLA multiplies the one-hot char and position inputs.
+    assert float(counted) <= float(compiled) <= 1.05 * float(counted)
+  groups = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| matmul |", "| matmul below ridge |", "| other |"))]
+  assert [row[0] for row in groups] == ["matmul", "matmul below ridge", "other"] * 2
+  for step in (groups[:3], groups[3:]):
+    assert sum(float(row[-1].rstrip("%")) for row in step) == pytest.approx(100, abs=2)
+  assert out.count("| op (longest in all) |") == 2
+
+
 @pytest.mark.slow  # compiles the C++ kernels and one block's products
 def test_cpu_matmul_throughput_prints_every_implementation_per_row_count():
   out = _run(["benchmarks/cpu_matmul_throughput.py", "--rows=1,2", "--layers=1", "--repeats=2"])

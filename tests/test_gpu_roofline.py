@@ -1,0 +1,45 @@
+"""benchmarks/gpu_roofline.py's reading of a compiled program, checked on small CPU programs."""
+
+import importlib
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+gpu_roofline = importlib.import_module("gpu_roofline")
+
+
+def _hlo(f, *shapes):
+  args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_a_kernel_costs_its_matmul_flops_and_the_bytes_it_reads_and_writes():
+  kernels = gpu_roofline.kernels(_hlo(lambda a, b: jnp.tanh(a @ b) * 2, (64, 32), (32, 48)))
+  matmul = [k for k in kernels if k.flops]
+  assert len(matmul) == 1
+  assert matmul[0].flops == 2 * 64 * 48 * 32
+  assert matmul[0].bytes == 4 * (64 * 32 + 32 * 48 + 64 * 48)
+  # tanh and the product: whatever XLA fuses, every kernel after the dot reads and writes 64 x 48.
+  assert all(k.bytes % (4 * 64 * 48) == 0 for k in kernels if not k.flops)
+
+
+def test_a_kernel_below_the_ridge_point_is_bounded_by_memory():
+  roofline = gpu_roofline.Roofline(peak=1e12, bandwidth=1e10)  # ridge: 100 FLOP per byte
+  compute = gpu_roofline.Kernel("a", "f32[1]", "dot", flops=1e9, bytes=1e6)
+  memory = gpu_roofline.Kernel("b", "f32[1]", "dot", flops=1e9, bytes=1e8)
+  other = gpu_roofline.Kernel("c", "f32[1]", "add", flops=0.0, bytes=1e8)
+  assert [roofline.group(k) for k in (compute, memory, other)] == [
+      "matmul", "matmul below ridge", "other"]
+  seconds = [roofline.seconds(k) for k in (compute, memory, other)]
+  assert seconds == pytest.approx([1e-3, 1e-2, 1e-2])
+
+
+def test_a_loop_in_the_step_is_refused_by_name():
+  def scanned(x, w):
+    return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=3)[0]
+  with pytest.raises(ValueError, match="while .*model.scan_layers=False"):
+    gpu_roofline.kernels(_hlo(scanned, (8, 16), (16, 16)))
