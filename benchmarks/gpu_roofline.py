@@ -10,11 +10,11 @@ program (each instruction the entry computation launches) takes at least the lon
 FLOPs at `--matmul_tflops` (default: the datasheet's peak) and the bytes of its operands and
 result at the GPU's memory bandwidth (the datasheet's). Summed, that is the step's roofline time:
 what the program takes if every kernel ran at its ceiling, and the highest MFU the trainer can
-report for it (its model FLOPs, `trainer.forward_flops`, over that time, against the datasheet's
-peak). The compiled matmuls are the model's and a few more (one-hot inputs XLA multiplies).
-Kernels fall in three groups: matmuls whose FLOPs per byte clear the ridge point (peak /
-bandwidth), matmuls below it (attention's many small ones), and the rest (element-wise and
-reduction fusions, all bounded by memory).
+report for it (its model FLOPs, 3 x `trainer.forward_flops` as the planner counts them, over
+that time, against the datasheet's peak). The compiled matmuls are the model's and a few more
+(one-hot inputs XLA multiplies). Kernels fall in three groups: matmuls whose FLOPs per byte
+clear the ridge point (peak / bandwidth), matmuls below it (attention's many small ones), and the
+rest (element-wise and reduction fusions, all bounded by memory).
 
 Without a GPU XLA does not autotune, so a run's program may differ in its matmul kernels and what
 they fuse: docs/benchmarks.md sets these figures beside steps measured on an H200. The layers must
@@ -34,7 +34,6 @@ import jax
 
 from notagen_jax import config as config_lib
 from notagen_jax import planning
-from notagen_jax import trainer
 
 import machine  # benchmarks/machine.py
 
@@ -127,17 +126,13 @@ class Roofline:
 
 
 def compiled_step(spec: str, gpu: str) -> tuple[str, float]:
-  """(optimized HLO, the trainer's model FLOPs) of a row's train step compiled for one `gpu`."""
+  """(optimized HLO, the planner's model FLOPs) of a row's train step compiled for one `gpu`."""
   size, mode, dtype, rows = spec.split(":")
   c = config_lib.base_config(mode, size)
   c.model.dtype = dtype
   c.data.batch_size, c.data.per_device_batch_size = int(rows), 0
-  cfg = trainer.model_config(c)
-  passes = 4 if mode == "dpo" and not c.dpo.precompute_reference else 3
-  rows_in_step = int(rows) * (2 if mode == "dpo" else 1)
-  model_flops = passes * rows_in_step * trainer.forward_flops(cfg, c.model.patch_length)
-  lowered = planning.lower_step(c, (1, 1, 1), planning.topology(f"{gpu}x1"))
-  return lowered.compile().as_text(), model_flops
+  p = planning.plan(c, devices=f"{gpu}x1", compile=False)
+  return planning.lower_step(c, p.mesh_shape, p.topology).compile().as_text(), p.flops_per_step
 
 
 def report(spec: str, hlo: str, model_flops: float, roofline: Roofline, datasheet: float,
@@ -149,7 +144,7 @@ def report(spec: str, hlo: str, model_flops: float, roofline: Roofline, datashee
   total = sum(map(roofline.seconds, ks))
   matmul_flops = sum(k.flops for k in ks)
   lines = [f"{spec}: {len(ks)} kernels, {matmul_flops / 1e12:.4g} TFLOP of matmuls "
-           f"(the trainer counts {model_flops / 1e12:.4g}), roofline {total * 1e3:.1f} ms, "
+           f"(the model's {model_flops / 1e12:.4g}), roofline {total * 1e3:.1f} ms, "
            f"MFU at most {model_flops / total / datasheet:.1%} of {datasheet / 1e12:.0f} TFLOP/s",
            "", "| kernels | count | TFLOP | GB moved | roofline ms | of the step |",
            "|---|---:|---:|---:|---:|---:|"]

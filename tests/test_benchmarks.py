@@ -105,7 +105,7 @@ def test_gpu_roofline_counts_the_trainer_s_matmul_flops_and_splits_the_step(cuda
   out = _run(["benchmarks/gpu_roofline.py", "--train=tiny:pretrain:bfloat16:2,tiny:dpo:float32:1",
               "--gpu=h100", "--top=3"], path=[cuda_plugin])
   heads = re.findall(r"^(tiny:\w+:\w+:\d): \d+ kernels, ([\d.e+-]+) TFLOP of matmuls \(the "
-                     r"trainer counts ([\d.e+-]+)\), roofline ([\d.]+) ms", out, re.M)
+                     r"model's ([\d.e+-]+)\), roofline ([\d.]+) ms", out, re.M)
   assert [head[0] for head in heads] == ["tiny:pretrain:bfloat16:2", "tiny:dpo:float32:1"]
   for _, compiled, counted, _ in heads:
     # The model's matmuls and a few more: XLA multiplies the one-hot char and position inputs.
