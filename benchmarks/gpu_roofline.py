@@ -154,6 +154,8 @@ def report(spec: str, hlo: str, model_flops: float, roofline: Roofline, datashee
     lines.append(f"| {name} | {len(group)} | {sum(k.flops for k in group) / 1e12:.1f} | "
                  f"{sum(k.bytes for k in group) / 1e9:.1f} | {seconds * 1e3:.1f} | "
                  f"{seconds / total:.0%} |")
+  if not top:
+    return "\n".join(lines)
   alike = collections.defaultdict(list)  # the same op on the same shapes, in every layer
   for k in ks:
     alike[(k.op, k.result)].append(k)
