@@ -42,8 +42,11 @@ class Job:
   html: str = ""
 
 
-def choices(combinations: Iterable[generation.Combination] | Mapping[generation.Combination, int]
-            ) -> dict[str, dict[str, list[str]]]:
+# The prompts a model knows, or each with its number of pieces (`generation.known_combinations`).
+Known = Iterable[generation.Combination] | Mapping[generation.Combination, int]
+
+
+def choices(combinations: Known) -> dict[str, dict[str, list[str]]]:
   """period -> composer -> instrumentations: each menu offers only what the ones before allow.
 
   Given pieces per combination (`generation.known_combinations`), each menu lists the choice with
@@ -68,8 +71,7 @@ class Demo:
   """Generation jobs of one model into `out_dir`, prompts limited to `combinations`."""
 
   def __init__(self, model: model_lib.NotaGen, out_dir: epath.PathLike,
-               combinations: Iterable[generation.Combination] | Mapping[generation.Combination, int],
-               weights_dtype: str | None = None):
+               combinations: Known, weights_dtype: str | None = None):
     self.model, self.weights_dtype = model, weights_dtype
     self.out = storage.path(out_dir)
     self.out.mkdir(parents=True, exist_ok=True)
