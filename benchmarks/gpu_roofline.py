@@ -55,7 +55,6 @@ _FREE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  name: str
   result: str  # the result's type, e.g. bf16[8192,1280]{1,0}
   op: str  # the JAX op it came from (metadata op_name)
   flops: float  # matmul FLOPs
@@ -106,7 +105,7 @@ def kernels(hlo: str) -> list[Kernel]:
                        "times (scanned layers? set model.scan_layers=False)")
     read = sum(_array_bytes(types.get(o, "")) for o in re.findall(r"%([\w.-]+)", operands))
     op = re.search(r'op_name="([^"]*)"', attributes or "")
-    result.append(Kernel(name, hlo_type, op[1] if op else opcode, matmul_flops(m),
+    result.append(Kernel(hlo_type, op[1] if op else opcode, matmul_flops(m),
                          read + _array_bytes(hlo_type)))
   return result
 

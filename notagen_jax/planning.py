@@ -154,9 +154,14 @@ _GPU_SPECS = {
 }
 
 
+def _gpu_generation(t: Topology) -> str | None:
+  """The GPU's name in `_GPUS` ("h100" for h100x16); None for a TPU slice or cpu."""
+  return next((g for g in _GPUS if t.name.startswith(g + "x")), None)
+
+
 def gpu_memory_bandwidth(t: Topology) -> float:
   """Bytes per second each of GPU nodes `t`'s GPUs reads or writes at most (the datasheet's)."""
-  return _GPU_SPECS[t.name.split("x")[0]][2]
+  return _GPU_SPECS[_gpu_generation(t)][2]
 
 
 def gpu_devices(t: Topology) -> list[Any]:
@@ -167,7 +172,7 @@ def gpu_devices(t: Topology) -> list[Any]:
   Each node (8 GPUs) is one NVLink domain; XLA compiles without autotuning, so matmul tilings
   may differ from a run's, not the program's buffers.
   """
-  generation = t.name.split("x")[0]
+  generation = _gpu_generation(t)
   _, _, per_node = _GPUS[generation]
   sms, capability, bandwidth, l2, clock, smem_per_sm, smem_per_block, lanes = _GPU_SPECS[generation]
   target = f"""
@@ -418,7 +423,7 @@ def lower_step(c: ml_collections.ConfigDict, mesh_shape: Sequence[int],
   if target.name == "cpu":
     devices = jax.devices("cpu")
   else:
-    devices = gpu_devices(target) if target.name.startswith(tuple(_GPUS)) else tpu_devices(target)
+    devices = gpu_devices(target) if _gpu_generation(target) else tpu_devices(target)
   if len(devices) < math.prod(mesh_shape):
     raise ValueError(f"mesh {tuple(mesh_shape)} needs {math.prod(mesh_shape)} devices, "
                      f"{target.name} has {len(devices)}")

@@ -18,20 +18,19 @@ def _hlo(f, *shapes):
 
 
 def test_a_kernel_costs_its_matmul_flops_and_the_bytes_it_reads_and_writes():
-  kernels = gpu_roofline.kernels(_hlo(lambda a, b: jnp.tanh(a @ b) * 2, (64, 32), (32, 48)))
-  matmul = [k for k in kernels if k.flops]
-  assert len(matmul) == 1
-  assert matmul[0].flops == 2 * 64 * 48 * 32
-  assert matmul[0].bytes == 4 * (64 * 32 + 32 * 48 + 64 * 48)
-  # tanh and the product: whatever XLA fuses, every kernel after the dot reads and writes 64 x 48.
-  assert all(k.bytes % (4 * 64 * 48) == 0 for k in kernels if not k.flops)
+  matmul, elementwise = gpu_roofline.kernels(
+      _hlo(lambda a, b: jnp.tanh(a @ b) * 2, (64, 32), (32, 48)))
+  assert matmul.flops == 2 * 64 * 48 * 32
+  assert matmul.bytes == 4 * (64 * 32 + 32 * 48 + 64 * 48)
+  # tanh and the product, one fusion: it reads the dot's 64 x 48 and writes as many.
+  assert (elementwise.flops, elementwise.bytes) == (0, 2 * 4 * 64 * 48)
 
 
 def test_a_kernel_below_the_ridge_point_is_bounded_by_memory():
   roofline = gpu_roofline.Roofline(peak=1e12, bandwidth=1e10)  # ridge: 100 FLOP per byte
-  compute = gpu_roofline.Kernel("a", "f32[1]", "dot", flops=1e9, bytes=1e6)
-  memory = gpu_roofline.Kernel("b", "f32[1]", "dot", flops=1e9, bytes=1e8)
-  other = gpu_roofline.Kernel("c", "f32[1]", "add", flops=0.0, bytes=1e8)
+  compute = gpu_roofline.Kernel("f32[1]", "dot", flops=1e9, bytes=1e6)
+  memory = gpu_roofline.Kernel("f32[1]", "dot", flops=1e9, bytes=1e8)
+  other = gpu_roofline.Kernel("f32[1]", "add", flops=0.0, bytes=1e8)
   assert [roofline.group(k) for k in (compute, memory, other)] == [
       "matmul", "matmul below ridge", "other"]
   seconds = [roofline.seconds(k) for k in (compute, memory, other)]
